@@ -1,0 +1,73 @@
+"""What every entry script shares: one-line errors, argument types, device choice, seeding."""
+import argparse
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """Bad input from the user (missing file, unknown task, malformed data...).
+
+    Entry scripts report it as one line on stderr and exit with status 2, without a traceback.
+    """
+
+
+def run_main(main):
+    """Call main(); turn a UserError into `error: <message>` and exit status 2."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def mu_value(text):
+    """argparse type for the MAC budget: a float in (0, 1]."""
+    try:
+        mu = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"mu must be a number in (0, 1], got {text!r}")
+    if not 0.0 < mu <= 1.0:
+        raise argparse.ArgumentTypeError(f"mu must be in (0, 1], got {mu}")
+    return mu
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def resolve_device(name):
+    """'auto' means CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but CUDA is not available")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)")
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def require_dir(path, what):
+    """A clear error for a checkpoint or data folder that is not there."""
+    if not os.path.isdir(path):
+        raise UserError(f"{what} not found: {path}")
+    return path

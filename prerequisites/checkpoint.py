@@ -1,0 +1,82 @@
+"""Loading dense checkpoints and saving/loading pruned ones (DESIGN.md §5).
+
+A pruned checkpoint is a `save_pretrained` directory whose config.json also records each
+layer's head count (`stat_heads`, in units: heads, or KV groups) and FFN width (`stat_ffn`),
+plus an `auto_map` entry pointing to `modeling_stat.py`, a copy of prerequisites/adapters.py
+saved next to the weights. It therefore loads two ways:
+- here, with `load_model(dir)`: the Stat* class builds the stock model from the config,
+  shrinks each layer to its recorded shape, and the weights are loaded strictly;
+- anywhere, with `AutoModelFor...from_pretrained(dir, trust_remote_code=True)`.
+"""
+import json
+import os
+import shutil
+
+import transformers
+
+from prerequisites import adapters
+from utils.cli import UserError
+
+MODELING_FILE = "modeling_stat.py"
+
+
+def record_shapes(model, adapter):
+    layers = adapter.layers(model)
+    model.config.stat_heads = [adapter.n_units(layer) for layer in layers]
+    model.config.stat_ffn = [adapter.n_neurons(layer) for layer in layers]
+
+
+def stat_class_of(model):
+    for stock, (stat_class, auto_name) in adapters.STAT_CLASSES.items():
+        if isinstance(model, stock):
+            return stat_class, auto_name
+    raise ValueError(f"saving a pruned {type(model).__name__} is not supported")
+
+
+def save_pruned(model, path, tokenizer=None):
+    """Write a pruned model so that it reloads with its per-layer shapes."""
+    adapter = adapters.adapter_for(model)
+    record_shapes(model, adapter)
+    stat_class, auto_name = stat_class_of(model)
+    model.config.architectures = [stat_class.__name__]
+    model.config.auto_map = {auto_name: f"modeling_stat.{stat_class.__name__}"}
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    shutil.copyfile(adapters.__file__, os.path.join(path, MODELING_FILE))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def _model_class(config):
+    architecture = (config.architectures or [None])[0]
+    stat_classes = {c.__name__: c for c, _ in adapters.STAT_CLASSES.values()}
+    if architecture in stat_classes:
+        return stat_classes[architecture]
+    if architecture and hasattr(transformers, architecture):
+        return getattr(transformers, architecture)
+    raise UserError(f"cannot tell which model class to build: config.json names {architecture!r}")
+
+
+def load_model(path, dtype=None, device="cpu"):
+    """Load a dense or pruned checkpoint directory; every weight must match (strict)."""
+    if not os.path.isdir(path):
+        raise UserError(f"checkpoint not found: {path}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise UserError(f"not a checkpoint (no config.json): {path}")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (ValueError, OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read the config of {path}: {err}")
+    model_class = _model_class(config)
+    model, info = model_class.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:
+        raise UserError(f"checkpoint {path} does not match its config: {problems}")
+    return model.to(device).eval()
+
+
+def load_tokenizer(path):
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a tokenizer from {path}: {err}")

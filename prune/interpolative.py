@@ -1,0 +1,114 @@
+"""Interpolative decompositions (IDs) computed from a Gram matrix G = AᵀA.
+
+A rank-k column ID of A keeps columns J and writes A ≈ A[:, J] T. Column-pivoted QR of A,
+A P = Q R, picks J = P[:k] greedily and gives T[:, not J] = R11⁻¹ R12. The pivoted Cholesky
+factorisation of G = AᵀA produces the same permutation and the same R (in exact arithmetic),
+so the whole ID is available from G alone. Everything here works on an `Factor`:
+an order of the columns and the upper-triangular R with G[order][:, order] = RᵀR.
+
+What R gives, for the first k columns of the order kept:
+- coefficients of the dropped columns on the kept ones: R[:k, :k]⁻¹ R[:k, k:];
+- the squared error of the ID, ‖A[:, dropped] − A[:, kept] T‖²_F = ‖R[k:, k:]‖²_F, i.e. the
+  sum of squared entries of rows k.. of R (R is upper triangular), for every k at once;
+- the error in the space of a following linear map W (out × n): ‖(residual) W[:, dropped]ᵀ‖_F
+  = ‖R[k:, :] W[:, order]ᵀ‖_F, because R[k:, :k] = 0.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.linalg import lapack
+
+RIDGE = 1e-8  # relative to trace(G): keeps the factorisation defined for rank-deficient G
+
+
+def ridge_of(G):
+    trace = float(torch.diagonal(G).sum())
+    return RIDGE * trace if trace > 0 else RIDGE
+
+
+@dataclass
+class Factor:
+    order: torch.Tensor  # (n,) long: columns in the order they are kept
+    R: torch.Tensor  # (n, n) float64 upper triangular, G[order][:, order] + ridge I = RᵀR
+
+    @property
+    def n(self):
+        return self.order.numel()
+
+    def pivots(self):
+        """|diag R|: what each successive column adds (non-increasing for a pivoted factor)."""
+        return torch.diagonal(self.R).abs()
+
+    def errors(self):
+        """errors()[k] = Frobenius error of the ID that keeps the first k columns, k = 0..n."""
+        return _tail_norms(self.R)
+
+    def output_errors(self, W):
+        """output_errors(W)[k] = ‖(ID residual) W[:, dropped]ᵀ‖_F when the first k columns are kept."""
+        Y = self.R @ W.to(self.R)[:, self.order.to(W.device)].T.to(self.R.device)
+        return _tail_norms(Y)
+
+    def coefficients(self, k):
+        """T (k × (n−k)): A[:, order[k:]] ≈ A[:, order[:k]] T, least squares."""
+        if k == 0 or k == self.n:
+            return self.R.new_zeros(k, self.n - k)
+        return torch.linalg.solve_triangular(self.R[:k, :k], self.R[:k, k:], upper=True)
+
+
+def _tail_norms(M):
+    """sqrt of the sums of squared entries of rows k.. of M, for k = 0..rows."""
+    row_sq = (M.double() ** 2).sum(dim=1)
+    tail = torch.flip(torch.cumsum(torch.flip(row_sq, [0]), 0), [0])
+    return torch.cat([tail, tail.new_zeros(1)]).clamp_min(0).sqrt()
+
+
+def pivoted_factor(G):
+    """Greedy column order and R factor of G (the pivoted QR of A, from G only).
+
+    LAPACK's dpstrf is the blocked pivoted Cholesky; it stops when the remaining diagonal is
+    numerically zero, and the columns after that point carry no information (their rows of R
+    are set to zero, so their pivots and the errors they leave are zero).
+    """
+    G = G.double()
+    n = G.shape[0]
+    Gr = (G + ridge_of(G) * torch.eye(n, dtype=G.dtype, device=G.device)).cpu().numpy()
+    c, piv, rank, info = lapack.dpstrf(Gr, lower=0)
+    if info < 0:
+        raise ValueError(f"dpstrf failed: illegal argument {-info}")
+    R = np.triu(c)
+    R[rank:, :] = 0.0
+    order = torch.from_numpy(piv.astype(np.int64) - 1)
+    return Factor(order=order, R=torch.from_numpy(R).to(G.device))
+
+
+def ordered_factor(G, order):
+    """R factor of G with the columns in a given order (no pivoting): used when the order is
+    chosen at a coarser level (whole heads) and the fit is on the individual dimensions."""
+    G = G.double()
+    order = order.to(G.device)
+    Gp = G[order][:, order]
+    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    ridge = ridge_of(G)
+    for _ in range(8):  # a rank-deficient G rounded to float32 may be slightly indefinite
+        L, info = torch.linalg.cholesky_ex(Gp + ridge * eye)
+        if int(info) == 0:
+            return Factor(order=order.cpu(), R=L.T.contiguous())
+        ridge *= 100
+    raise ValueError("Gram matrix is not positive semi-definite (NaN or Inf in activations?)")
+
+
+def group_gram(G, group_size):
+    """Gram of whole groups of consecutive columns (heads): entry (a, b) is the trace of block (a, b).
+
+    It is the Gram of the matrix whose columns are whole groups flattened over tokens and dims.
+    """
+    n_groups = G.shape[0] // group_size
+    blocks = G.reshape(n_groups, group_size, n_groups, group_size)
+    return torch.diagonal(blocks, dim1=1, dim2=3).sum(-1)
+
+
+def expand_groups(group_order, group_size):
+    """Column order of the dims when whole groups are taken in `group_order`."""
+    offsets = torch.arange(group_size)
+    return (group_order[:, None] * group_size + offsets[None, :]).reshape(-1)

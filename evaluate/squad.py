@@ -73,8 +73,8 @@ def _gold_answers(example, version):
 def squad_metrics(examples, predictions, version):
     """Official SQuAD metrics, in percent, for predictions {id: answer text}.
 
-    1.1: {"exact_match", "f1"}. 2.0: {"exact", "f1", "total"} and the same three for the
-    HasAns and NoAns subsets (a subset with no questions is left out, as officially).
+    1.1: {"exact", "f1"} (one name for exact match in both versions, so records aggregate).
+    2.0: {"exact", "f1", "total"} and the same three for the HasAns and NoAns subsets (a subset with no questions is left out, as officially).
     """
     if version not in VERSIONS:
         raise ValueError(f"unknown SQuAD version {version!r}")
@@ -90,7 +90,7 @@ def squad_metrics(examples, predictions, version):
     exact, f1, has_answer = np.array(exact), np.array(f1), np.array(has_answer, dtype=bool)
 
     if version == "1.1":
-        return {"exact_match": float(100 * exact.mean()), "f1": float(100 * f1.mean())}
+        return {"exact": float(100 * exact.mean()), "f1": float(100 * f1.mean())}
     metrics = {"exact": float(100 * exact.mean()), "f1": float(100 * f1.mean()),
                "total": len(exact)}
     for name, subset in (("HasAns", has_answer), ("NoAns", ~has_answer)):

@@ -12,6 +12,8 @@ checkpoint's weights as `modeling_stat.py`, so that the checkpoint loads with pl
 stock transformers classes whose layers are shrunk, right after construction, to the shapes
 that `config.stat_heads` and `config.stat_ffn` record.
 """
+import warnings
+
 import torch
 from torch import nn
 from transformers import (
@@ -29,7 +31,12 @@ from transformers import (
 
 
 def new_linear(in_features, out_features, bias, like):
-    return nn.Linear(in_features, out_features, bias=bias, device=like.weight.device, dtype=like.weight.dtype)
+    """An uninitialised linear layer on like's device and dtype: every caller fills it (random
+    initialisation would only cost time, and warns for zero-sized layers)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        layer = nn.Linear(in_features, out_features, bias=bias, device="meta", dtype=like.weight.dtype)
+    return layer.to_empty(device=like.weight.device)
 
 
 def keep_output_rows(linear, rows):

@@ -38,7 +38,6 @@ def save_pruned(model, path, tokenizer=None):
     adapter = adapters.adapter_for(model)
     record_shapes(model, adapter)
     stat_class, auto_name = stat_class_of(model)
-    model.config.architectures = [stat_class.__name__]
     model.config.auto_map = {auto_name: f"modeling_stat.{stat_class.__name__}"}
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
@@ -48,13 +47,16 @@ def save_pruned(model, path, tokenizer=None):
 
 
 def _model_class(config):
+    """The stock class config.json names, or its pruned twin when the config records shapes."""
     architecture = (config.architectures or [None])[0]
-    stat_classes = {c.__name__: c for c, _ in adapters.STAT_CLASSES.values()}
-    if architecture in stat_classes:
-        return stat_classes[architecture]
-    if architecture and hasattr(transformers, architecture):
-        return getattr(transformers, architecture)
-    raise UserError(f"cannot tell which model class to build: config.json names {architecture!r}")
+    if not (architecture and hasattr(transformers, architecture)):
+        raise UserError(f"cannot tell which model class to build: config.json names {architecture!r}")
+    stock = getattr(transformers, architecture)
+    if getattr(config, "stat_heads", None) is None:
+        return stock
+    if stock not in adapters.STAT_CLASSES:
+        raise UserError(f"pruned checkpoints of {architecture} are not supported")
+    return adapters.STAT_CLASSES[stock][0]
 
 
 def load_model(path, dtype=None, device="cpu"):

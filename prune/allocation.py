@@ -136,8 +136,9 @@ def uniform(scores, costs, mu, weighting=None):
     L = len(scores)
     heads = [int(np.floor(mu * s.n_heads + 1e-9)) for s in scores]
     left = mu * dense_macs(scores, costs) - sum(heads) * costs.head
-    per_layer = int(np.floor(left / (L * costs.neuron) + 1e-9))
-    neurons = [min(per_layer, s.n_neurons) for s in scores]
+    total = int(np.floor(left / costs.neuron + 1e-9))
+    # an even share per layer; the few left over go to the first layers
+    neurons = [min(total // L + (l < total % L), s.n_neurons) for l, s in enumerate(scores)]
     return heads, neurons
 
 

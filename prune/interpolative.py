@@ -19,18 +19,19 @@ import numpy as np
 import torch
 from scipy.linalg import lapack
 
-RIDGE = 1e-8  # relative to trace(G): keeps the factorisation defined for rank-deficient G
+RIDGE = 1e-8  # relative to the mean diagonal of G: keeps the factors defined for rank-deficient G
 
 
 def ridge_of(G):
-    trace = float(torch.diagonal(G).sum())
-    return RIDGE * trace if trace > 0 else RIDGE
+    mean_diagonal = float(torch.diagonal(G).mean())
+    return RIDGE * mean_diagonal if mean_diagonal > 0 else RIDGE
 
 
 @dataclass
 class Factor:
     order: torch.Tensor  # (n,) long: columns in the order they are kept
     R: torch.Tensor  # (n, n) float64 upper triangular, G[order][:, order] + ridge I = RᵀR
+    ridge: float = 0.0
 
     @property
     def n(self):
@@ -41,13 +42,19 @@ class Factor:
         return torch.diagonal(self.R).abs()
 
     def errors(self):
-        """errors()[k] = Frobenius error of the ID that keeps the first k columns, k = 0..n."""
-        return _tail_norms(self.R)
+        """errors()[k] = Frobenius error of the ID that keeps the first k columns, k = 0..n.
+
+        The ridge adds about ridge·(n − k) to the squared error; it is taken off again.
+        """
+        dropped = torch.arange(self.n, -1, -1, dtype=torch.float64, device=self.R.device)
+        return _tail_norms(self.R, self.ridge * dropped)
 
     def output_errors(self, W):
         """output_errors(W)[k] = ‖(ID residual) W[:, dropped]ᵀ‖_F when the first k columns are kept."""
-        Y = self.R @ W.to(self.R)[:, self.order.to(W.device)].T.to(self.R.device)
-        return _tail_norms(Y)
+        W = W.detach().to(device=self.R.device, dtype=torch.float64)[:, self.order.to(self.R.device)]
+        column_sq = (W ** 2).sum(dim=0)
+        ridge_part = self.ridge * torch.cat([_suffix_sums(column_sq), column_sq.new_zeros(1)])
+        return _tail_norms(self.R @ W.T, ridge_part)
 
     def coefficients(self, k):
         """T (k × (n−k)): A[:, order[k:]] ≈ A[:, order[:k]] T, least squares."""
@@ -56,11 +63,14 @@ class Factor:
         return torch.linalg.solve_triangular(self.R[:k, :k], self.R[:k, k:], upper=True)
 
 
-def _tail_norms(M):
-    """sqrt of the sums of squared entries of rows k.. of M, for k = 0..rows."""
-    row_sq = (M.double() ** 2).sum(dim=1)
-    tail = torch.flip(torch.cumsum(torch.flip(row_sq, [0]), 0), [0])
-    return torch.cat([tail, tail.new_zeros(1)]).clamp_min(0).sqrt()
+def _suffix_sums(v):
+    return torch.flip(torch.cumsum(torch.flip(v, [0]), 0), [0])
+
+
+def _tail_norms(M, minus=0.0):
+    """sqrt(sum of squared entries of rows k.. of M − minus[k]), for k = 0..rows."""
+    tail = _suffix_sums((M.double() ** 2).sum(dim=1))
+    return (torch.cat([tail, tail.new_zeros(1)]) - minus).clamp_min(0).sqrt()
 
 
 def pivoted_factor(G):
@@ -72,14 +82,15 @@ def pivoted_factor(G):
     """
     G = G.double()
     n = G.shape[0]
-    Gr = (G + ridge_of(G) * torch.eye(n, dtype=G.dtype, device=G.device)).cpu().numpy()
+    ridge = ridge_of(G)
+    Gr = (G + ridge * torch.eye(n, dtype=G.dtype, device=G.device)).cpu().numpy()
     c, piv, rank, info = lapack.dpstrf(Gr, lower=0)
     if info < 0:
         raise ValueError(f"dpstrf failed: illegal argument {-info}")
     R = np.triu(c)
     R[rank:, :] = 0.0
     order = torch.from_numpy(piv.astype(np.int64) - 1)
-    return Factor(order=order, R=torch.from_numpy(R).to(G.device))
+    return Factor(order=order, R=torch.from_numpy(R).to(G.device), ridge=ridge)
 
 
 def ordered_factor(G, order):
@@ -93,7 +104,7 @@ def ordered_factor(G, order):
     for _ in range(8):  # a rank-deficient G rounded to float32 may be slightly indefinite
         L, info = torch.linalg.cholesky_ex(Gp + ridge * eye)
         if int(info) == 0:
-            return Factor(order=order.cpu(), R=L.T.contiguous())
+            return Factor(order=order.cpu(), R=L.T.contiguous(), ridge=ridge)
         ridge *= 100
     raise ValueError("Gram matrix is not positive semi-definite (NaN or Inf in activations?)")
 

@@ -24,7 +24,10 @@ from prune.interpolative import expand_groups
 from prune.units import magnitude_units, stat_heads, stat_neurons
 
 METHODS = ("stat", "magnitude")
-CALIBRATIONS = ("sequential", "one_shot")
+# sequential: both IDs of a layer measured on the pruned layers below it (DESIGN.md §4);
+# dense_ffn: only the head IDs re-measured, the FFN IDs from the dense model;
+# one_shot: every ID from the dense model.
+CALIBRATIONS = ("sequential", "dense_ffn", "one_shot")
 
 
 @dataclass
@@ -176,34 +179,45 @@ def neuron_weight_norms(adapter, layer):
     return sq.sqrt()
 
 
+def _gram(activations, masks, n, device, sketch_rows):
+    G = Gram(n, device, sketch_rows)
+    for A, mask in zip(activations, masks):
+        G.add_batch(A, mask)
+    return G.G
+
+
 @torch.no_grad()
-def prune_sequential(model, adapter, calib, heads, neurons, device, sketch_rows=None, progress=True):
-    """Pass 2: prune from the bottom, each layer's IDs measured on the pruned layers below."""
+def prune_sequential(model, adapter, calib, heads, neurons, device, dense_grams=None, sketch_rows=None,
+                     progress=True):
+    """Pass 2: prune from the bottom, each layer's IDs measured on the pruned layers below.
+
+    With `dense_grams`, the FFN IDs come from the dense model's Grams instead (only the heads
+    are re-measured), which saves the costliest Gram products.
+    """
     layers = adapter.layers(model)
     for l, layer in enumerate(tqdm(layers, desc="pass 2: prune", disable=not progress)):
         moved = _to_device([layer], device)
-        G_heads = Gram(adapter.n_units(layer) * adapter.unit_dims(), device, sketch_rows)
-        contexts = []
-        for x, extras, mask in zip(calib.hidden, calib.extras, calib.masks):
-            contexts.append(adapter.attention_context(layer, x, extras))
-            G_heads.add_batch(contexts[-1], mask)
-        keep, W_O = _head_block(adapter, layer, "stat", G_heads.G).prune(heads[l])
+        contexts = [adapter.attention_context(layer, x, extras) for x, extras in zip(calib.hidden, calib.extras)]
+        G_heads = _gram(contexts, calib.masks, adapter.n_units(layer) * adapter.unit_dims(), device, sketch_rows)
+        keep, W_O = _head_block(adapter, layer, "stat", G_heads).prune(heads[l])
         adapter.prune_heads(layer, keep, W_O)
         kept_dims = expand_groups(keep, adapter.unit_dims()).to(device)
-        del G_heads
+        # the kept heads' outputs are unchanged by the pruning: reuse them
+        hs = [adapter.after_attention(layer, c[..., kept_dims], x) for c, x in zip(contexts, calib.hidden)]
+        del contexts
 
-        G_ffn = Gram(adapter.n_neurons(layer), device, sketch_rows)
-        for b, (x, mask) in enumerate(zip(calib.hidden, calib.masks)):
-            # the kept heads' outputs are unchanged by the pruning: reuse them
-            contexts[b] = adapter.after_attention(layer, contexts[b][..., kept_dims], x)
-            G_ffn.add_batch(adapter.ffn_hidden(layer, contexts[b]), mask)
-        keep, W_out = _neuron_block(adapter, layer, "stat", G_ffn.G).prune(neurons[l])
+        if dense_grams is None:
+            G_ffn = _gram((adapter.ffn_hidden(layer, h) for h in hs), calib.masks, adapter.n_neurons(layer),
+                          device, sketch_rows)
+        else:
+            G_ffn = dense_grams[l][1].to(device)
+        keep, W_out = _neuron_block(adapter, layer, "stat", G_ffn).prune(neurons[l])
         adapter.prune_neurons(layer, keep, W_out)
         del G_ffn
 
-        for b, h in enumerate(contexts):
+        for b, h in enumerate(hs):
             calib.hidden[b] = adapter.after_ffn(layer, adapter.ffn_hidden(layer, h), h)
-        del contexts
+        del hs
         _restore(moved)
 
 
@@ -230,15 +244,16 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     start = time.perf_counter()
     model.eval()
     batches = list(batches)
-    one_shot = method == "stat" and calibration == "one_shot"
+    keep_grams = method == "stat" and calibration != "sequential"
     calib = capture_inputs(model, adapter, batches, device)
-    scores, grams = measure_dense(model, adapter, calib, device, keep_grams=one_shot,
+    scores, grams = measure_dense(model, adapter, calib, device, keep_grams=keep_grams,
                                   sketch_rows=sketch_rows, progress=progress)
     heads, neurons = ALLOCATORS[allocation](scores, costs, mu, weighting or adapter.depth_weighting)
-    if method == "stat" and calibration == "sequential":
+    if method == "stat" and calibration != "one_shot":
         calib = capture_inputs(model, adapter, batches, device)
-        prune_sequential(model, adapter, calib, heads, neurons, device, sketch_rows, progress)
+        prune_sequential(model, adapter, calib, heads, neurons, device,
+                         grams if calibration == "dense_ffn" else None, sketch_rows, progress)
     else:
-        prune_from_grams(model, adapter, heads, neurons, method, grams if one_shot else None)
+        prune_from_grams(model, adapter, heads, neurons, method, grams if keep_grams else None)
     return PruneResult(heads=list(heads), neurons=list(neurons), scores=scores,
                        seconds=time.perf_counter() - start)

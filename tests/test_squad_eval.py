@@ -184,9 +184,9 @@ def test_metrics_v1_best_over_gold_answers():
                 example("b", ["big red dog barked loudly", "the cat"])]
     preds = {"a": "broncos", "b": "red dog runs"}
     m = squad_metrics(examples, preds, "1.1")
-    assert set(m) == {"exact_match", "f1"}
+    assert set(m) == {"exact", "f1"}
     # a: exact on the 2nd gold (EM 1, F1 1); b: best F1 0.5 against the first gold, EM 0.
-    assert m["exact_match"] == pytest.approx(50.0)
+    assert m["exact"] == pytest.approx(50.0)
     assert m["f1"] == pytest.approx(75.0)
 
 
@@ -257,7 +257,7 @@ def test_evaluate_squad_end_to_end(tokenizer, kind):
     assert len(features) > len(examples)
     for version, keys in (("2.0", {"exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact",
                                    "NoAns_f1"}),
-                          ("1.1", {"exact_match", "f1"})):
+                          ("1.1", {"exact", "f1"})):
         exs = examples if version == "2.0" else examples[:2]
         feats = [f for f in features if f["example_index"] < len(exs)]
         m = evaluate_squad(model, exs, feats, version, torch.device("cpu"), batch_size=4)

@@ -27,6 +27,14 @@ def run_main(main):
         sys.exit(130)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is reported in one line (no usage dump) with exit status 2."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def mu_value(text):
     """argparse type for the MAC budget: a float in (0, 1]."""
     try:

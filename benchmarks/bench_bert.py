@@ -1,0 +1,106 @@
+"""Benchmark STAT on the real demo classifier (MiniLM fine-tuned on movie-sentiment).
+
+    python benchmarks/bench_bert.py [--mus 0.3 0.4 0.5 0.6 0.7 0.8] [--variants ...]
+
+Prints, next to the dense accuracy, the accuracy of every variant (method / allocation /
+calibration) at each μ; the pruning wall time over the time of one dense forward pass over
+the same calibration set (target ≤ 3); peak memory; and the pruned/dense latency ratio at
+μ = 0.5 (target ≤ 0.65). All ratios come from this one run.
+"""
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from efficiency.latency import measure_latency, peak_memory_mb  # noqa: E402
+from efficiency.macs import adapter_costs, model_macs, shape_of  # noqa: E402
+from evaluate.tasks import make_task  # noqa: E402
+from prerequisites.adapters import adapter_for  # noqa: E402
+from prerequisites.checkpoint import load_model, load_tokenizer  # noqa: E402
+from prune.pipeline import stat_prune  # noqa: E402
+from scripts.build_demo_classifier import DEFAULT_OUT, build_classifier  # noqa: E402
+
+# method/allocation/calibration; the first is the default of prune_bert.py
+VARIANTS = [
+    "stat/faithful/sequential",
+    "stat/uniform/sequential",
+    "stat/greedy/sequential",
+    "stat/faithful/one_shot",
+    "stat/faithful/dense_ffn",
+    "magnitude/faithful/-",
+]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mus", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    p.add_argument("--variants", nargs="+", default=VARIANTS, help="method/allocation/calibration")
+    p.add_argument("--samples", type=int, default=512)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration seeds (accuracy is averaged)")
+    args = p.parse_args()
+    torch.manual_seed(0)
+
+    model_dir = build_classifier(DEFAULT_OUT)
+    tokenizer = load_tokenizer(model_dir)
+    task = make_task("movie-sentiment", tokenizer)
+    dense_model = load_model(model_dir)
+    adapter = adapter_for(dense_model)
+    costs = adapter_costs(adapter, task.mac_seq_len)
+    dense_macs = model_macs(*shape_of(dense_model, adapter), costs)
+    calibrations = {seed: task.calibration_batches(dense_model, args.samples, seed) for seed in args.seeds}
+    calibration = calibrations[args.seeds[0]]
+
+    dense_accuracy = task.evaluate(dense_model, "cpu")["accuracy"]
+    with torch.no_grad():  # one dense forward pass over the same calibration batches
+        start = time.perf_counter()
+        for batch in calibration:
+            dense_model(**batch)
+        forward_seconds = time.perf_counter() - start
+    latency_batch = task.latency_batch(dense_model)
+    dense_latency = measure_latency(dense_model, latency_batch, "cpu")
+
+    print(f"dense accuracy {dense_accuracy:.4f}; {args.samples} calibration examples, "
+          f"one dense forward pass over them {forward_seconds:.2f} s")
+    width = max(len(v) for v in args.variants)
+    table, timings, latency = [f"{'mu':>5}  " + "  ".join(f"{v:>{width}}" for v in args.variants)], {}, {}
+    for mu in args.mus:
+        row = f"{mu:>5.2f}  "
+        for name in args.variants:
+            method, allocation, calibration_mode = name.split("/")
+            accuracies = []
+            for seed in args.seeds:
+                model = copy.deepcopy(dense_model)
+                result = stat_prune(model, adapter, calibrations[seed], costs, mu, "cpu", method=method,
+                                    allocation=allocation, calibration=calibration_mode if method == "stat" else "sequential",
+                                    progress=False)
+                accuracies.append(task.evaluate(model, "cpu")["accuracy"])
+                ratio = model_macs(result.heads, result.neurons, costs) / dense_macs
+                assert ratio <= mu + 1e-9, (name, mu, ratio)
+                timings.setdefault(name, []).append(result.seconds)
+                if abs(mu - 0.5) < 1e-9 and seed == args.seeds[0]:
+                    latency[name] = measure_latency(model, latency_batch, "cpu") / dense_latency
+                print(f"  mu {mu:.2f} {name:>{width}} seed {seed}: accuracy {accuracies[-1]:.4f} "
+                      f"(dense {dense_accuracy:.4f}), MACs {ratio:.4f}, heads {result.heads}, "
+                      f"prune {result.seconds:.1f} s", flush=True)
+            row += f"  {sum(accuracies) / len(accuracies):>{width}.4f}"
+        table.append(row)
+
+    print(f"\naccuracy on movie-sentiment dev (dense {dense_accuracy:.4f}), mean over calibration seeds {args.seeds}")
+    print("\n".join(table))
+    print("\npruning wall time / one dense forward pass over the calibration set (target <= 3):")
+    for name, seconds in timings.items():
+        print(f"  {name:>{width}}: {sum(seconds) / len(seconds) / forward_seconds:.2f}")
+    if latency:
+        print("pruned/dense latency at mu = 0.5 (batch of 32, target <= 0.65):")
+        for name, ratio in latency.items():
+            print(f"  {name:>{width}}: {ratio:.2f}")
+    print(f"peak memory (max RSS of this process): {peak_memory_mb('cpu'):.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

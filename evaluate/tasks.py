@@ -1,0 +1,115 @@
+"""The encoder tasks prune_bert.py runs: what to calibrate on, how to score, which S for MACs.
+
+A task loads (and checks) all its data when it is made, so that bad input fails before any
+model work starts.
+"""
+import inspect
+
+import numpy as np
+
+from dataset import glue, squad
+from evaluate.glue import evaluate_task
+from evaluate.squad import evaluate_squad
+from utils.cli import UserError
+
+SQUAD_VERSIONS = {"squad": "1.1", "squad_v2": "2.0"}
+SQUAD_MAC_SEQ_LEN = 170  # Kwon et al.'s choice for SQuAD
+
+
+def task_names():
+    return list(glue.TASKS) + list(SQUAD_VERSIONS)
+
+
+def make_task(name, tokenizer, data_dir=None, batch_size=64):
+    if name in SQUAD_VERSIONS:
+        return SquadTask(name, tokenizer, data_dir, batch_size)
+    if name in glue.TASKS:
+        return GlueTask(name, tokenizer, data_dir, batch_size)
+    raise UserError(f"unknown task {name!r} (known tasks: {', '.join(task_names())})")
+
+
+def accepted_inputs(model, batch):
+    """The batch without the inputs the model's forward does not take (DistilBERT has no
+    token_type_ids) and without labels (we want logits, not a loss)."""
+    params = inspect.signature(model.forward).parameters
+    return {k: v for k, v in batch.items() if k in params and k != "labels"}
+
+
+class GlueTask:
+    def __init__(self, name, tokenizer, data_dir, batch_size):
+        self.spec = glue.get_task(name)
+        self.name = name
+        self.metric_name = self.spec.primary_metric
+        self.mac_seq_len = self.spec.mac_seq_len
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.train = glue.load_examples(self.spec, "train", data_dir)
+        self.eval_sets = {split: glue.encode(glue.load_examples(self.spec, split, data_dir), tokenizer, self.spec)
+                          for split in self.spec.eval_splits}
+
+    def check_model(self, model):
+        num_labels = model.config.num_labels
+        if num_labels != self.spec.num_labels:
+            raise UserError(f"the checkpoint has {num_labels} labels, task {self.name} needs {self.spec.num_labels}")
+        if not hasattr(model, "classifier"):
+            raise UserError(f"task {self.name} needs a sequence-classification checkpoint, got {type(model).__name__}")
+
+    def _batches(self, encoded, model):
+        return [accepted_inputs(model, b) | {"labels": b["labels"]}
+                for b in glue.batches(encoded, self.batch_size, self.tokenizer.pad_token_id)]
+
+    def calibration_batches(self, model, n, seed):
+        sample = glue.encode(glue.sample_calibration(self.train, n, seed), self.tokenizer, self.spec)
+        sample.sort(key=lambda item: len(item["input_ids"]))  # less padding, same examples
+        return [accepted_inputs(model, b) for b in glue.batches(sample, self.batch_size, self.tokenizer.pad_token_id)]
+
+    def evaluate(self, model, device):
+        batches = {split: self._batches(encoded, model) for split, encoded in self.eval_sets.items()}
+        return evaluate_task(model, self.spec, batches, device)
+
+    def latency_batch(self, model, size=32):
+        """A fixed batch of dev examples, padded to the longest, for timing forward passes."""
+        first = next(iter(self.eval_sets.values()))[:size]
+        return accepted_inputs(model, glue.collate(first, self.tokenizer.pad_token_id))
+
+
+class SquadTask:
+    def __init__(self, name, tokenizer, data_dir, batch_size):
+        self.name = name
+        self.version = SQUAD_VERSIONS[name]
+        self.metric_name = "f1"
+        self.mac_seq_len = SQUAD_MAC_SEQ_LEN
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.train = squad.load_squad(self.version, "train", data_dir)
+        self.examples = squad.load_squad(self.version, "validation", data_dir)
+        self.features = squad.prepare_eval_features(self.examples, tokenizer)
+
+    def check_model(self, model):
+        if not hasattr(model, "qa_outputs"):
+            raise UserError(f"task {self.name} needs a question-answering checkpoint, got {type(model).__name__}")
+
+    def calibration_batches(self, model, n, seed):
+        sample = squad.sample_calibration_features(self._some_train_features(n, seed), n, seed)
+        sample.sort(key=lambda f: len(f["input_ids"]))
+        return [accepted_inputs(model, squad.collate(chunk, self.tokenizer.pad_token_id))
+                for chunk in squad.batches(sample, self.batch_size)]
+
+    def _some_train_features(self, n, seed, chunk=1000):
+        """Features of training examples taken in a seeded random order until there are at
+        least 2n of them: featurising all ~130k examples would take minutes for 512 features."""
+        order = np.random.default_rng(seed).permutation(len(self.train))
+        features = []
+        for start in range(0, len(order), chunk):
+            features += squad.prepare_train_features([self.train[i] for i in order[start:start + chunk]], self.tokenizer)
+            if len(features) >= 2 * n:
+                break
+        return features
+
+    def evaluate(self, model, device):
+        metrics = evaluate_squad(model, self.examples, self.features, self.version, device, self.batch_size)
+        self.last_timing = {k: metrics.pop(k) for k in ("forward_seconds", "postprocess_seconds")}
+        return metrics
+
+    def latency_batch(self, model, size=32):
+        return accepted_inputs(model, squad.collate(self.features[:size], self.tokenizer.pad_token_id))

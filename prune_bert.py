@@ -1,0 +1,129 @@
+"""Prune a BERT-family classifier or question-answering model with STAT and score it.
+
+    python prune_bert.py --model_name bert-base-uncased --task_name mnli --mu 0.5 --seed 0
+
+Loads models/<model_name>/<task_name> (or --model_dir), scores the dense model on the task's
+dev set, prunes to a fraction μ of the attention and FFN multiply-accumulates, scores the
+pruned model, and writes a block to output/<model_name>/<task_name>.txt and one JSON line to
+the .jsonl beside it.
+"""
+import argparse
+import datetime
+import os
+import time
+
+from efficiency.latency import measure_latency
+from efficiency.macs import adapter_costs, count_parameters, model_macs, shape_of
+from evaluate.tasks import make_task, task_names
+from prerequisites.adapters import adapter_for
+from prerequisites.checkpoint import load_model, load_tokenizer, save_pruned
+from prune.allocation import ALLOCATORS
+from prune.pipeline import CALIBRATIONS, METHODS, stat_prune
+from utils.cli import ArgumentParser, UserError, mu_value, positive_int, require_dir, resolve_device, run_main, set_seed
+from utils.results import append_result
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_name", required=True, help="name of the model (folder under models/, and in output/)")
+    p.add_argument("--task_name", required=True, help=f"one of: {', '.join(task_names())}")
+    p.add_argument("--mu", type=mu_value, required=True, help="fraction of attention+FFN MACs to keep, in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
+    p.add_argument("--sample_batch_size", type=positive_int, default=512, help="number of calibration examples")
+    p.add_argument("--model_dir", help="checkpoint folder (default: models/<model_name>/<task_name>)")
+    p.add_argument("--data_dir", help="folder with the task's original files (GLUE TSV, SQuAD JSON)")
+    p.add_argument("--output_dir", default="output", help="where results are written")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--save_model", metavar="DIR", help="write the pruned model here")
+    p.add_argument("--method", choices=METHODS, default="stat",
+                   help="stat: interpolative decompositions with corrections; magnitude: same allocation, "
+                        "units ranked by weight norms, no correction")
+    p.add_argument("--allocation", choices=list(ALLOCATORS), default="faithful",
+                   help="how the MAC budget is shared across layers")
+    p.add_argument("--calibration", choices=CALIBRATIONS, default="sequential",
+                   help="sequential: each layer's IDs measured on the pruned layers below; "
+                        "one_shot: all from the dense model")
+    p.add_argument("--batch_size", type=positive_int, default=64, help="batch size of calibration and evaluation")
+    p.add_argument("--sketch", type=positive_int, metavar="ROWS",
+                   help="CountSketch each batch's activations to this many rows before its Gram product")
+    return p.parse_args(argv)
+
+
+def format_block(r, metric_names):
+    def pair(name):
+        return f"{name}: dense {r['metrics']['dense'][name]:.4f}  pruned {r['metrics']['pruned'][name]:.4f}"
+
+    lines = [
+        f"== {r['model_name']} / {r['task_name']}  {r['time']} ==",
+        f"method {r['method']} (allocation {r['allocation']}, calibration {r['calibration']}), mu {r['mu']}, "
+        f"seed {r['seed']}, {r['sample_batch_size']} calibration examples, device {r['device']}",
+        f"MACs kept: {r['mac_ratio']:.4f} of dense (target {r['mu']})",
+        *[pair(name) for name in metric_names],
+        f"heads per layer: {r['heads_per_layer']}",
+        f"neurons per layer: {r['neurons_per_layer']}",
+        f"parameters: dense {r['params_dense'] / 1e6:.2f}M  pruned {r['params_pruned'] / 1e6:.2f}M",
+        f"latency (batch of {r['latency_batch']}): dense {r['latency_dense_ms']:.1f} ms  "
+        f"pruned {r['latency_pruned_ms']:.1f} ms  ({r['latency_pruned_ms'] / r['latency_dense_ms']:.2f}x)",
+        f"prune time: {r['prune_seconds']:.1f} s",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    set_seed(args.seed)
+    if args.task_name not in task_names():
+        raise UserError(f"unknown task {args.task_name!r} (known tasks: {', '.join(task_names())})")
+    model_dir = require_dir(args.model_dir or os.path.join("models", args.model_name, args.task_name), "checkpoint")
+
+    tokenizer = load_tokenizer(model_dir)
+    task = make_task(args.task_name, tokenizer, args.data_dir, args.batch_size)
+    model = load_model(model_dir, device=device)
+    try:
+        adapter = adapter_for(model)
+    except ValueError as err:
+        raise UserError(str(err))
+    task.check_model(model)
+
+    print(f"scoring the dense model on {args.task_name} ...")
+    dense = task.evaluate(model, device)
+    params_dense = count_parameters(model)
+    latency_batch = task.latency_batch(model)
+    latency_dense = measure_latency(model, latency_batch, device)
+    costs = adapter_costs(adapter, task.mac_seq_len)
+    dense_macs = model_macs(*shape_of(model, adapter), costs)
+
+    calibration = task.calibration_batches(model, args.sample_batch_size, args.seed)
+    start = time.perf_counter()
+    result = stat_prune(model, adapter, calibration, costs, args.mu, device, method=args.method,
+                        allocation=args.allocation, calibration=args.calibration, sketch_rows=args.sketch)
+    prune_seconds = time.perf_counter() - start
+
+    print("scoring the pruned model ...")
+    pruned = task.evaluate(model, device)
+    heads, neurons = shape_of(model, adapter)
+    record = {
+        "model_name": args.model_name, "task_name": args.task_name, "method": args.method,
+        "allocation": args.allocation, "calibration": args.calibration,
+        "mu": args.mu, "mac_ratio": model_macs(heads, neurons, costs) / dense_macs,
+        "seed": args.seed, "sample_batch_size": args.sample_batch_size,
+        "metric_name": task.metric_name, "dense_metric": dense[task.metric_name],
+        "pruned_metric": pruned[task.metric_name], "metrics": {"dense": dense, "pruned": pruned},
+        "heads_per_layer": heads, "neurons_per_layer": neurons,
+        "params_dense": params_dense, "params_pruned": count_parameters(model),
+        "prune_seconds": prune_seconds, "latency_batch": int(latency_batch["input_ids"].shape[0]),
+        "latency_dense_ms": latency_dense, "latency_pruned_ms": measure_latency(model, latency_batch, device),
+        "device": str(device), "time": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    if args.save_model:
+        save_pruned(model, args.save_model, tokenizer)
+        record["saved_to"] = args.save_model
+    block = format_block(record, [k for k in dense if isinstance(dense[k], float)])
+    append_result(os.path.join(args.output_dir, args.model_name, args.task_name), record, block)
+    print(block)
+    return record
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,107 @@
+"""The column ID from a Gram matrix against column-pivoted QR and least squares on A itself."""
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from prune.gram import Gram
+from prune.interpolative import (expand_groups, group_gram, ordered_factor, pivoted_factor)
+
+
+def low_rank_plus_noise(m, n, rank, noise, seed):
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((m, rank)) @ rng.standard_normal((rank, n)) + noise * rng.standard_normal((m, n))
+    return A * rng.uniform(0.2, 3.0, n)  # columns of different sizes, so the order is clear
+
+
+def test_pivots_and_factor_match_pivoted_qr():
+    A = low_rank_plus_noise(200, 30, 12, 0.05, seed=0)
+    factor = pivoted_factor(torch.from_numpy(A.T @ A))
+    _, R, P = scipy.linalg.qr(A, mode="economic", pivoting=True)
+    k = 12  # greedy choices agree while the residual columns are well separated
+    assert factor.order[:k].tolist() == P[:k].tolist()
+    assert np.allclose(np.abs(np.diag(R))[:k], factor.pivots().numpy()[:k], rtol=1e-6)
+    assert np.allclose(np.abs(R[:k, :]), np.abs(factor.R.numpy()[:k, :]), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 17, 30])
+def test_coefficients_are_least_squares_and_errors_are_residuals(k):
+    A = low_rank_plus_noise(150, 30, 20, 0.1, seed=1)
+    factor = pivoted_factor(torch.from_numpy(A.T @ A))
+    kept, dropped = factor.order[:k].numpy(), factor.order[k:].numpy()
+    T = factor.coefficients(k).numpy()
+    if 0 < k < 30:
+        T_ref = np.linalg.lstsq(A[:, kept], A[:, dropped], rcond=None)[0]
+        assert np.allclose(T, T_ref, atol=1e-6)
+    residual = A[:, dropped] - (A[:, kept] @ T if k else 0)
+    assert factor.errors()[k].item() == pytest.approx(np.linalg.norm(residual), rel=1e-6, abs=1e-6)
+
+
+def test_output_errors_are_the_error_after_the_next_layer():
+    A = low_rank_plus_noise(120, 16, 10, 0.2, seed=2)
+    W = np.random.default_rng(3).standard_normal((7, 16))
+    factor = pivoted_factor(torch.from_numpy(A.T @ A))
+    errors = factor.output_errors(torch.from_numpy(W)).numpy()
+    for k in (0, 3, 9, 16):
+        kept, dropped = factor.order[:k].numpy(), factor.order[k:].numpy()
+        fit = A[:, kept] @ factor.coefficients(k).numpy() if k else 0
+        ref = np.linalg.norm((A[:, dropped] - fit) @ W[:, dropped].T)
+        assert errors[k] == pytest.approx(ref, rel=1e-6, abs=1e-8)
+
+
+def test_rank_deficient_gram_gives_exact_interpolation():
+    rng = np.random.default_rng(4)
+    B = rng.standard_normal((100, 6))
+    A = np.concatenate([B, B[:, :3] * 2.0, B[:, 3:] - B[:, :3]], axis=1)  # 12 columns, rank 6
+    factor = pivoted_factor(torch.from_numpy(A.T @ A))
+    # the ridge leaves an error floor of about sqrt(ridge)·‖T‖, far below the rank gap
+    assert factor.errors()[6].item() < 1e-4 * np.linalg.norm(A)
+    assert factor.errors()[5].item() > 0.1 * np.linalg.norm(A)
+    kept, dropped = factor.order[:6].numpy(), factor.order[6:].numpy()
+    assert np.allclose(A[:, kept] @ factor.coefficients(6).numpy(), A[:, dropped], atol=1e-5)
+
+
+def test_group_gram_is_the_gram_of_whole_flattened_groups():
+    rng = np.random.default_rng(5)
+    A = rng.standard_normal((40, 4 * 3))  # 4 groups (heads) of 3 dims
+    heads = A.reshape(40, 4, 3).transpose(1, 0, 2).reshape(4, -1).T  # one column per head
+    assert np.allclose(group_gram(torch.from_numpy(A.T @ A), 3).numpy(), heads.T @ heads)
+    assert expand_groups(torch.tensor([2, 0]), 3).tolist() == [6, 7, 8, 0, 1, 2]
+
+
+def test_ordered_factor_follows_the_given_order():
+    A = low_rank_plus_noise(80, 9, 9, 0.1, seed=6)
+    order = torch.tensor([3, 1, 4, 0, 8, 2, 7, 5, 6])
+    factor = ordered_factor(torch.from_numpy(A.T @ A), order)
+    R_ref = np.linalg.cholesky((A.T @ A)[order][:, order]).T
+    assert np.allclose(np.abs(factor.R.numpy()), np.abs(R_ref), rtol=1e-5, atol=1e-6)
+
+
+def test_gram_streams_batches_and_skips_padding():
+    rng = np.random.default_rng(7)
+    X = torch.from_numpy(rng.standard_normal((3, 5, 8))).float()  # (batch, tokens, units)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    mask[2, 1:] = False
+    X_padded = X.clone()
+    X_padded[~mask] = 1e6  # padding rows that must never count
+    G = Gram(8)
+    G.add_batch(X_padded[:2], mask[:2])
+    G.add_batch(X_padded[2:], mask[2:])
+    rows = X[mask].double()
+    assert G.rows == int(mask.sum())
+    assert torch.allclose(G.G, rows.T @ rows, rtol=1e-5)
+
+
+def test_count_sketch_is_unbiased():
+    rng = np.random.default_rng(8)
+    A = torch.from_numpy(rng.standard_normal((400, 6))).float()
+    exact = (A.T @ A).double()
+    estimates = []
+    for seed in range(200):
+        G = Gram(6, sketch_rows=50, seed=seed)
+        G.add_batch(A)
+        estimates.append(G.G)
+    mean = torch.stack(estimates).mean(0)
+    assert torch.linalg.norm(mean - exact) < 0.05 * torch.linalg.norm(exact)
+    assert torch.linalg.norm(estimates[0] - exact) > 1e-3 * torch.linalg.norm(exact)  # it does sketch

@@ -1,0 +1,172 @@
+"""The STAT pipeline against independent computations on tiny random models."""
+import copy
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+import tiny
+from efficiency.macs import adapter_costs, model_macs, shape_of
+from prerequisites.adapters import adapter_for
+from prune.pipeline import capture_inputs, prune_sequential, stat_prune
+
+FAMILIES = {"bert": tiny.bert, "distilbert": tiny.distilbert, "opt": tiny.opt, "llama": tiny.llama}
+
+
+def logits(model, batches):
+    with torch.no_grad():
+        return torch.cat([model(**b).logits.flatten() for b in batches])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["stat", "magnitude"])
+def test_mu_one_changes_nothing(family, method):
+    model = FAMILIES[family]()
+    batches = tiny.random_batches()
+    expected = logits(model, batches)
+    adapter = adapter_for(model)
+    result = stat_prune(model, adapter, batches, adapter_costs(adapter, 12), 1.0, "cpu", method=method,
+                        progress=False)
+    assert result.heads == [adapter.n_units(l) for l in adapter.layers(model)]
+    assert torch.equal(logits(model, batches), expected)
+
+
+def duplicate_units(model):
+    """Make the second half of every layer's heads (KV groups) and neurons copies of the first."""
+    adapter = adapter_for(model)
+    with torch.no_grad():
+        for layer in adapter.layers(model):
+            half = adapter.n_units(layer) // 2
+            for path, rows in adapter.head_producers():
+                lin = adapter.get(layer, path)
+                lin.weight[half * rows:2 * half * rows] = lin.weight[:half * rows]
+                if lin.bias is not None:
+                    lin.bias[half * rows:2 * half * rows] = lin.bias[:half * rows]
+            n = adapter.n_neurons(layer) // 2
+            for path in adapter.ffn_producers:
+                lin = adapter.get(layer, path)
+                lin.weight[n:2 * n] = lin.weight[:n]
+                if lin.bias is not None:
+                    lin.bias[n:2 * n] = lin.bias[:n]
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_duplicated_heads_and_neurons_prune_without_changing_the_output(family):
+    model = duplicate_units(FAMILIES[family]())
+    adapter = adapter_for(model)
+    batches = tiny.random_batches(n_batches=4, batch=8, length=16)
+    expected = logits(model, batches)
+    units, neurons = shape_of(model, adapter)
+    calib = capture_inputs(model, adapter, batches, "cpu")
+    prune_sequential(model, adapter, calib, [u // 2 for u in units], [n // 2 for n in neurons], "cpu",
+                     progress=False)
+    assert shape_of(model, adapter) == ([u // 2 for u in units], [n // 2 for n in neurons])
+    got = logits(model, batches)
+    assert torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+    # ...whereas dropping the same number of units without the correction changes it
+    plain = copy.deepcopy(duplicate_units(FAMILIES[family]()))
+    stat_prune(plain, adapter, batches, adapter_costs(adapter, 16), 0.5, "cpu", method="magnitude", progress=False)
+    assert not torch.allclose(logits(plain, batches), expected, atol=1e-2 * expected.abs().max().item())
+
+
+def pivoted_qr_order(A):
+    return scipy.linalg.qr(A, mode="economic", pivoting=True)[2]
+
+
+def test_bert_layer_zero_matches_an_independent_computation():
+    """Layer 0 of a pruned tiny BERT against pivoted QR and least squares on explicit activations."""
+    dense = tiny.bert(layers=2, heads=4, hidden=32, ffn=48)
+    batches = tiny.random_batches(n_batches=6, batch=8, length=16)
+    model = copy.deepcopy(dense)
+    adapter = adapter_for(model)
+    result = stat_prune(model, adapter, batches, adapter_costs(adapter, 16), 0.5, "cpu", progress=False)
+    h_keep, n_keep = result.heads[0], result.neurons[0]
+    assert 0 < h_keep < 4 and 0 < n_keep < 48
+
+    layer, pruned = dense.bert.encoder.layer[0], model.bert.encoder.layer[0]
+    with torch.no_grad():
+        xs, masks, contexts = [], [], []
+        for b in batches:
+            x = dense.bert.embeddings(input_ids=b["input_ids"])
+            mask4d = (1.0 - b["attention_mask"][:, None, None, :].float()) * torch.finfo(torch.float32).min
+            xs.append(x)
+            masks.append(mask4d)
+            contexts.append(layer.attention.self(x, attention_mask=mask4d)[0])
+        real = torch.cat([b["attention_mask"].bool().flatten() for b in batches])
+        A = torch.cat([c.reshape(-1, 32) for c in contexts])[real].double().numpy()
+
+    # heads: pivoted QR over whole heads, then least squares of the dropped dims on the kept dims
+    heads_as_columns = A.reshape(-1, 4, 8).transpose(1, 0, 2).reshape(4, -1).T
+    kept = np.sort(pivoted_qr_order(heads_as_columns)[:h_keep])
+    dims = (kept[:, None] * 8 + np.arange(8)).reshape(-1)
+    rest = np.setdiff1d(np.arange(32), dims)
+    T = np.linalg.lstsq(A[:, dims], A[:, rest], rcond=None)[0]
+    W = layer.attention.output.dense.weight.detach().double().numpy()
+    W_expected = W[:, dims] + W[:, rest] @ T.T
+    assert torch.equal(pruned.attention.self.query.weight, layer.attention.self.query.weight[dims])
+    assert np.allclose(pruned.attention.output.dense.weight.detach().numpy(), W_expected, rtol=1e-3, atol=1e-4)
+
+    # neurons: pivoted QR of A·diag(‖W_out[:, j]‖) on the FFN input after the pruned attention
+    with torch.no_grad():
+        hidden = []
+        for x, m in zip(xs, masks):
+            h = pruned.attention(x, attention_mask=m)[0]
+            hidden.append(layer.intermediate(h))
+        F = torch.cat([a.reshape(-1, 48) for a in hidden])[real].double().numpy()
+    W_out = layer.output.dense.weight.detach().double().numpy()
+    scale = np.linalg.norm(W_out, axis=0)
+    kept = np.sort(pivoted_qr_order(F * scale)[:n_keep])
+    rest = np.setdiff1d(np.arange(48), kept)
+    T = np.linalg.lstsq(F[:, kept], F[:, rest], rcond=None)[0]
+    assert torch.equal(pruned.intermediate.dense.weight, layer.intermediate.dense.weight[kept])
+    assert np.allclose(pruned.output.dense.weight.detach().numpy(), W_out[:, kept] + W_out[:, rest] @ T.T,
+                       rtol=1e-3, atol=1e-4)
+
+
+def test_padding_never_enters_a_gram():
+    """The same sentences calibrate the same model whether or not they share padded batches."""
+    padded = tiny.random_batches(n_batches=4, batch=8, length=16)
+    alone = []
+    for b in padded:
+        for ids, mask in zip(b["input_ids"], b["attention_mask"]):
+            n = int(mask.sum())
+            alone.append({"input_ids": ids[None, :n], "attention_mask": mask[None, :n]})
+    junk = [dict(b, input_ids=b["input_ids"].masked_fill(b["attention_mask"] == 0, 999)) for b in padded]
+    results = []
+    for batches in (alone, junk):
+        model = tiny.bert()
+        adapter = adapter_for(model)
+        stat_prune(model, adapter, batches, adapter_costs(adapter, 12), 0.5, "cpu", progress=False)
+        results.append(model)
+    for (name, p), (_, q) in zip(results[0].named_parameters(), results[1].named_parameters()):
+        assert p.shape == q.shape, name
+        # float32 rounding differs between padded and unpadded attention; leaked padding would
+        # change the weights by orders of magnitude more
+        assert torch.allclose(p, q, rtol=1e-3, atol=1e-3 * p.abs().max().item()), name
+
+
+def test_magnitude_keeps_the_largest_units_uncorrected():
+    model = tiny.bert()
+    dense = copy.deepcopy(model)
+    adapter = adapter_for(model)
+    result = stat_prune(model, adapter, tiny.random_batches(), adapter_costs(adapter, 12), 0.5, "cpu",
+                        method="magnitude", progress=False)
+    layer, before = model.bert.encoder.layer[1], dense.bert.encoder.layer[1]
+    norms = before.intermediate.dense.weight.norm(dim=1) ** 2 + before.output.dense.weight.norm(dim=0) ** 2
+    kept = torch.sort(torch.argsort(norms, descending=True)[:result.neurons[1]]).values
+    assert torch.equal(layer.intermediate.dense.weight, before.intermediate.dense.weight[kept])
+    assert torch.equal(layer.output.dense.weight, before.output.dense.weight[:, kept])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("allocation", ["faithful", "uniform", "greedy"])
+def test_achieved_macs_never_exceed_the_target(family, allocation):
+    model = FAMILIES[family]()
+    adapter = adapter_for(model)
+    costs = adapter_costs(adapter, 12)
+    dense_macs = model_macs(*shape_of(model, adapter), costs)
+    stat_prune(model, adapter, tiny.random_batches(), costs, 0.4, "cpu", allocation=allocation, progress=False)
+    ratio = model_macs(*shape_of(model, adapter), costs) / dense_macs
+    assert 0.3 < ratio <= 0.4 + 1e-12

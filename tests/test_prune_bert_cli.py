@@ -1,0 +1,132 @@
+"""prune_bert.py end to end on tiny random checkpoints, and its errors on bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import prune_bert
+import tiny
+from prerequisites.checkpoint import load_model
+from utils.cli import run_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = "good bad great awful fine dull lovely boring superb weak film plot actors story music scenes".split()
+
+
+def write_sst2(folder, n_train=48, n_dev=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        with open(os.path.join(folder, name), "w") as f:
+            f.write("sentence\tlabel\n")
+            for i in range(n):
+                length = int(torch.randint(3, 12, (1,), generator=g))
+                words = [WORDS[int(j)] for j in torch.randint(0, len(WORDS), (length,), generator=g)]
+                f.write(f"{' '.join(words)}\t{i % 2}\n")
+
+
+def write_mrpc(folder, n_train=40, n_dev=20):
+    os.makedirs(folder, exist_ok=True)
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        with open(os.path.join(folder, name), "w") as f:
+            f.write("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n")
+            for i in range(n):
+                a = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(5))
+                b = " ".join(WORDS[(2 * i + k) % len(WORDS)] for k in range(4))
+                f.write(f"{i % 2}\t{i}\t{i + 1000}\t{a}\t{b}\n")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = AutoTokenizer.from_pretrained(tiny.minilm_dir())
+    paths = {}
+    for name, model in (("tiny-bert", tiny.bert()), ("tiny-distilbert", tiny.distilbert())):
+        path = str(root / name)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths[name] = path
+    return paths
+
+
+@pytest.mark.parametrize("model_name,task", [("tiny-bert", "sst2"), ("tiny-distilbert", "mrpc")])
+def test_end_to_end_on_a_tiny_model(checkpoints, tmp_path, model_name, task):
+    data = str(tmp_path / "glue" / ("SST-2" if task == "sst2" else "MRPC"))
+    (write_sst2 if task == "sst2" else write_mrpc)(data)
+    out, saved = str(tmp_path / "output"), str(tmp_path / "pruned")
+    argv = ["--model_name", model_name, "--task_name", task, "--mu", "0.5", "--seed", "3",
+            "--sample_batch_size", "16", "--model_dir", checkpoints[model_name], "--data_dir", data,
+            "--output_dir", out, "--device", "cpu", "--save_model", saved, "--batch_size", "8"]
+    record = prune_bert.main(argv)
+    prune_bert.main(argv[:-4] + ["--method", "magnitude", "--batch_size", "8"])
+
+    lines = open(os.path.join(out, model_name, f"{task}.jsonl")).read().splitlines()
+    assert len(lines) == 2
+    first, second = json.loads(lines[0]), json.loads(lines[1])
+    for key in ("model_name", "task_name", "method", "mu", "mac_ratio", "seed", "sample_batch_size", "metric_name",
+                "dense_metric", "pruned_metric", "metrics", "heads_per_layer", "neurons_per_layer", "params_dense",
+                "params_pruned", "prune_seconds", "latency_dense_ms", "latency_pruned_ms", "device"):
+        assert key in first, key
+    assert first["method"] == "stat" and second["method"] == "magnitude"
+    assert first["seed"] == 3 and first["sample_batch_size"] == 16 and first["mu"] == 0.5
+    assert 0 < first["mac_ratio"] <= 0.5
+    assert first["params_pruned"] < first["params_dense"]
+    assert 0.0 <= first["pruned_metric"] <= 1.0 and first["metric_name"] == "accuracy"
+    if task == "mrpc":
+        assert set(first["metrics"]["dense"]) == {"accuracy", "f1"}
+    text = open(os.path.join(out, model_name, f"{task}.txt")).read()
+    assert text.count("MACs kept") == 2
+
+    reloaded = load_model(saved)
+    assert reloaded.config.stat_heads == record["heads_per_layer"]
+    assert reloaded.config.stat_ffn == record["neurons_per_layer"]
+
+
+def run_cli(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: prune_bert.main(argv))
+    err = capsys.readouterr().err.strip()
+    return exit_info.value.code, err
+
+
+@pytest.mark.parametrize("bad,expected", [
+    (["--mu", "0"], "mu must be in (0, 1]"),
+    (["--mu", "1.5"], "mu must be in (0, 1]"),
+    (["--mu", "-0.2"], "mu must be in (0, 1]"),
+    (["--mu", "half"], "mu must be a number"),
+    (["--task_name", "sst3"], "unknown task 'sst3'"),
+    (["--model_dir", "/nonexistent/checkpoint"], "checkpoint not found"),
+])
+def test_bad_input_gives_one_line_and_exit_status_2(checkpoints, tmp_path, capsys, bad, expected):
+    data = str(tmp_path / "SST-2")
+    write_sst2(data)
+    argv = {"--model_name": "tiny-bert", "--task_name": "sst2", "--mu": "0.5",
+            "--model_dir": checkpoints["tiny-bert"], "--data_dir": data, "--output_dir": str(tmp_path / "out")}
+    argv.update(dict(zip(bad[::2], bad[1::2])))
+    code, err = run_cli([x for kv in argv.items() for x in kv], capsys)
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error:") and expected in err
+    assert not os.path.exists(tmp_path / "out")  # no half-written results
+
+
+def test_malformed_data_file(checkpoints, tmp_path, capsys):
+    data = str(tmp_path / "SST-2")
+    write_sst2(data)
+    with open(os.path.join(data, "dev.tsv"), "a") as f:
+        f.write("a sentence with no label column\n")
+    code, err = run_cli(["--model_name", "tiny-bert", "--task_name", "sst2", "--mu", "0.5", "--model_dir",
+                         checkpoints["tiny-bert"], "--data_dir", data], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "dev.tsv" in err
+
+
+def test_real_process_exit_status(tmp_path):
+    """The same through a real interpreter: status 2, one line on stderr, no traceback."""
+    proc = subprocess.run([sys.executable, "prune_bert.py", "--model_name", "nothing-here", "--task_name", "sst2",
+                           "--mu", "0.5", "--output_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: checkpoint not found: models/nothing-here/sst2"]

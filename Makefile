@@ -1,6 +1,6 @@
 # make demo: set up .venv, build the offline demo models once, prune them, print the results.
 # make test: set up .venv, run the whole test suite.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1

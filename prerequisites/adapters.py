@@ -114,6 +114,7 @@ class Adapter:
     family = None
     depth_weighting = "sqrt"  # how the allocation protects early layers (see prune/allocation.py)
     capture_kwargs = {}  # extra model arguments for a calibration forward pass
+    is_decoder = False
     qkv = ()
     head_consumer = None
     ffn_producers = ()
@@ -152,6 +153,20 @@ class Adapter:
         q, k, v = self.qkv
         dh = self.head_dim()
         return ((q, self.queries_per_unit() * dh), (k, dh), (v, dh))
+
+    def linear_groups(self, layer):
+        """The layer's linear maps in the order they run, grouped by the input they share
+        (Q/K/V, output projection, FFN input side, FFN output side); zero-sized ones left out."""
+        groups = [list(self.qkv), [self.head_consumer], list(self.ffn_producers), [self.ffn_consumer]]
+        present = [[p for p in group if self._nonempty_linear(layer, p)] for group in groups]
+        return [group for group in present if group]
+
+    def _nonempty_linear(self, layer, path):
+        try:
+            module = self.get(layer, path)
+        except AttributeError:  # the attention of a layer without heads is a stub
+            return False
+        return isinstance(module, nn.Linear) and module.weight.numel() > 0
 
     # --- module access by path
     @staticmethod
@@ -213,6 +228,9 @@ class Adapter:
 
     # --- decoders: what runs before the first and after the last layer
     def pre_layer_modules(self, model):
+        return []
+
+    def post_layer_modules(self, model):
         return []
 
     def logits(self, model, x):
@@ -285,6 +303,7 @@ class DistilBertAdapter(Adapter):
 class OPTAdapter(Adapter):
     family = "opt"
     capture_kwargs = {"use_cache": False}
+    is_decoder = True
     qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     depth_weighting = "expfit"
     head_consumer = "self_attn.out_proj"
@@ -329,6 +348,10 @@ class OPTAdapter(Adapter):
         decoder = model.model.decoder
         return [m for m in (decoder.embed_tokens, decoder.embed_positions, decoder.project_in) if m is not None]
 
+    def post_layer_modules(self, model):
+        decoder = model.model.decoder
+        return [m for m in (decoder.final_layer_norm, decoder.project_out, model.lm_head) if m is not None]
+
     def logits(self, model, x):
         decoder = model.model.decoder
         if decoder.final_layer_norm is not None:
@@ -343,6 +366,7 @@ class LlamaAdapter(Adapter):
 
     family = "llama"
     capture_kwargs = {"use_cache": False}
+    is_decoder = True
     qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     depth_weighting = "expfit"
     head_consumer = "self_attn.o_proj"
@@ -383,6 +407,9 @@ class LlamaAdapter(Adapter):
 
     def pre_layer_modules(self, model):
         return [model.model.embed_tokens, model.model.rotary_emb]
+
+    def post_layer_modules(self, model):
+        return [model.model.norm, model.lm_head]
 
     def logits(self, model, x):
         return model.lm_head(model.model.norm(x))

@@ -80,17 +80,17 @@ def pivoted_factor(G):
     numerically zero, and the columns after that point carry no information (their rows of R
     are set to zero, so their pivots and the errors they leave are zero).
     """
-    G = G.double()
-    n = G.shape[0]
+    device = G.device
     ridge = ridge_of(G)
-    Gr = (G + ridge * torch.eye(n, dtype=G.dtype, device=G.device)).cpu().numpy()
-    c, piv, rank, info = lapack.dpstrf(Gr, lower=0)
+    Gr = G.detach().to("cpu", torch.float64).numpy().copy()
+    Gr[np.diag_indices_from(Gr)] += ridge
+    c, piv, rank, info = lapack.dpstrf(Gr, lower=0, overwrite_a=1)
     if info < 0:
         raise ValueError(f"dpstrf failed: illegal argument {-info}")
-    R = np.triu(c)
+    R = torch.from_numpy(c).triu_()
     R[rank:, :] = 0.0
     order = torch.from_numpy(piv.astype(np.int64) - 1)
-    return Factor(order=order, R=torch.from_numpy(R).to(G.device), ridge=ridge)
+    return Factor(order=order, R=R.to(device), ridge=ridge)
 
 
 def ordered_factor(G, order):

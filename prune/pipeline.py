@@ -75,7 +75,7 @@ def capture_inputs(model, adapter, batches, device):
         extras.append(bound)
         raise _Stop
 
-    moved = _to_device(adapter.pre_layer_modules(model), device)
+    moved = move_to(adapter.pre_layer_modules(model), device)
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in batches:
@@ -88,11 +88,11 @@ def capture_inputs(model, adapter, batches, device):
                 pass
     finally:
         handle.remove()
-        _restore(moved)
+        restore(moved)
     return Calibration(hidden, extras, masks)
 
 
-def _to_device(modules, device):
+def move_to(modules, device):
     moved = []
     for m in modules:
         p = next(m.parameters(), None)
@@ -104,7 +104,7 @@ def _to_device(modules, device):
     return moved
 
 
-def _restore(moved):
+def restore(moved):
     for m, dev in moved:
         m.to(dev)
 
@@ -128,7 +128,7 @@ def measure_dense(model, adapter, calib, device, keep_grams=False, sketch_rows=N
     scores, grams = [], []
     layers = adapter.layers(model)
     for layer in tqdm(layers, desc="pass 1: dense Grams", disable=not progress):
-        moved = _to_device([layer], device)
+        moved = move_to([layer], device)
         G_heads = Gram(adapter.n_units(layer) * adapter.unit_dims(), device, sketch_rows)
         G_ffn = Gram(adapter.n_neurons(layer), device, sketch_rows)
         for b, (x, extras, mask) in enumerate(zip(calib.hidden, calib.extras, calib.masks)):
@@ -141,7 +141,7 @@ def measure_dense(model, adapter, calib, device, keep_grams=False, sketch_rows=N
         scores.append(layer_scores(adapter, layer, G_heads.G, G_ffn.G))
         if keep_grams:
             grams.append((G_heads.G.cpu(), G_ffn.G.cpu()))
-        _restore(moved)
+        restore(moved)
     return scores, grams
 
 
@@ -196,7 +196,7 @@ def prune_sequential(model, adapter, calib, heads, neurons, device, dense_grams=
     """
     layers = adapter.layers(model)
     for l, layer in enumerate(tqdm(layers, desc="pass 2: prune", disable=not progress)):
-        moved = _to_device([layer], device)
+        moved = move_to([layer], device)
         contexts = [adapter.attention_context(layer, x, extras) for x, extras in zip(calib.hidden, calib.extras)]
         G_heads = _gram(contexts, calib.masks, adapter.n_units(layer) * adapter.unit_dims(), device, sketch_rows)
         keep, W_O = _head_block(adapter, layer, "stat", G_heads).prune(heads[l])
@@ -218,7 +218,7 @@ def prune_sequential(model, adapter, calib, heads, neurons, device, dense_grams=
         for b, h in enumerate(hs):
             calib.hidden[b] = adapter.after_ffn(layer, adapter.ffn_hidden(layer, h), h)
         del hs
-        _restore(moved)
+        restore(moved)
 
 
 @torch.no_grad()

@@ -1,0 +1,39 @@
+"""Perplexity under the GPTQ protocol, computed layer by layer (DESIGN.md §6).
+
+The test text is tokenized once and cut into non-overlapping windows of the model's context
+(the tail is dropped); perplexity = exp(mean over windows of the window's mean token NLL).
+Running one layer at a time over all windows keeps only one layer (and the windows' hidden
+states) on the device, so large models evaluate in small memory, as they prune.
+"""
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from prune.pipeline import capture_inputs, move_to, restore
+
+
+@torch.no_grad()
+def window_nlls(model, adapter, windows, device, batch_size=1, progress=True, desc="perplexity"):
+    """Mean next-token NLL of each window (windows: LongTensor (n, seqlen)), layer by layer."""
+    batches = [{"input_ids": windows[i:i + batch_size]} for i in range(0, len(windows), batch_size)]
+    calib = capture_inputs(model, adapter, batches, device)
+    for layer in tqdm(adapter.layers(model), desc=desc, disable=not progress, leave=False):
+        moved = move_to([layer], device)
+        for b, (x, extras) in enumerate(zip(calib.hidden, calib.extras)):
+            out = layer(x, **extras)
+            calib.hidden[b] = out[0] if isinstance(out, tuple) else out
+        restore(moved)
+    moved = move_to(adapter.post_layer_modules(model), device)
+    nlls = []
+    for x, batch in zip(calib.hidden, batches):
+        logits = adapter.logits(model, x).float()
+        targets = batch["input_ids"].to(logits.device)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1),
+                               reduction="none")
+        nlls.append(loss.view(targets.shape[0], -1).mean(dim=1).cpu())
+    restore(moved)
+    return torch.cat(nlls)
+
+
+def perplexity(model, adapter, windows, device, batch_size=1, progress=True, desc="perplexity"):
+    return float(torch.exp(window_nlls(model, adapter, windows, device, batch_size, progress, desc).mean()))

@@ -1,17 +1,25 @@
-"""Dense perplexity of a decoder language model on every available evaluation set.
+"""Dense perplexity of a decoder language model on every available evaluation set, and with
+--wbits the dense-then-quantized baseline (GPTQ, or RTN with --nearest; no pruning).
 
     python opt_eval.py --model_name opt-125M --seed 0 [--task wikitext2] [--data_dir D]
+    python opt_eval.py --model_name opt-125M --seed 0 --wbits 4 [--groupsize 128] [--save_model DIR]
 
-The GPTQ protocol (DESIGN.md §6), layer by layer. Results: output/opt/<model_name>.txt and .jsonl.
+The GPTQ protocol (DESIGN.md §6), layer by layer. The quantization flags are those of
+quantize_opt.py. Results: output/opt/<model_name>.txt and .jsonl.
 """
 from efficiency.latency import peak_memory_mb
 from efficiency.macs import count_parameters
+from quantize_opt import add_quantize_arguments, check_quantize_arguments, describe_quantizer, quantize_and_report
 from utils.cli import run_main, set_seed
-from utils.decoder_cli import decoder_parser, load, now, perplexities, ppl_lines, write
+from utils.decoder_cli import calibration_batches, decoder_parser, load, now, perplexities, ppl_lines, write
 
 
 def parse_args(argv=None):
-    return decoder_parser(__doc__).parse_args(argv)
+    p = decoder_parser(__doc__)
+    add_quantize_arguments(p, wbits_required=False)
+    args = p.parse_args(argv)
+    check_quantize_arguments(p, args)
+    return args
 
 
 def main(argv=None):
@@ -24,8 +32,18 @@ def main(argv=None):
         "ppl_dense": perplexities(model, adapter, windows, device, args.batch_size, "dense"),
         "params_dense": count_parameters(model),
     }
+    lines = [f"opt_eval: dense, windows of {seqlen} tokens, device {device}"]
+    quantize_lines = []
+    if args.wbits is not None:
+        # RTN needs no calibration data.
+        calibration = [] if args.nearest else calibration_batches(args, tokenizer, seqlen)
+        record["nsamples"] = 0 if args.nearest else args.nsamples
+        quantize_lines = quantize_and_report(args, device, model, adapter, tokenizer, windows, calibration, record)
+        data = ("no calibration data" if args.nearest else
+                f"calibrated on {args.task} ({args.nsamples} x {seqlen} tokens, seed {args.seed})")
+        lines = [f"opt_eval: dense, then {describe_quantizer(args)}; {data}, device {device}"]
     record.update(peak_memory_mb=peak_memory_mb(device), device=str(device), time=now())
-    write(args, record, [f"opt_eval: dense, windows of {seqlen} tokens, device {device}", *ppl_lines(record)])
+    write(args, record, [*lines, *ppl_lines(record), *quantize_lines])
     return record
 
 

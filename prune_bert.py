@@ -14,9 +14,9 @@ import time
 
 from efficiency.latency import measure_latency
 from efficiency.macs import adapter_costs, count_parameters, model_macs, shape_of
-from evaluate.tasks import make_task, task_names
+from evaluate.tasks import check_checkpoint, make_task, task_names
 from prerequisites.adapters import adapter_for
-from prerequisites.checkpoint import load_model, load_tokenizer, save_pruned
+from prerequisites.checkpoint import load_config, load_model, load_tokenizer, save_pruned
 from prune.allocation import ALLOCATORS
 from prune.pipeline import CALIBRATIONS, METHODS, stat_prune
 from utils.cli import ArgumentParser, UserError, mu_value, positive_int, require_dir, resolve_device, run_main, set_seed
@@ -38,8 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--method", choices=METHODS, default="stat",
                    help="stat: interpolative decompositions with corrections; magnitude: same allocation, "
                         "units ranked by weight norms, no correction")
-    p.add_argument("--allocation", choices=list(ALLOCATORS), default="faithful",
-                   help="how the MAC budget is shared across layers")
+    p.add_argument("--allocation", choices=list(ALLOCATORS), default="greedy",
+                   help="how the MAC budget is shared across layers: greedy (error removed per MAC), "
+                        "faithful (the rule of the authors' code), uniform")
     p.add_argument("--calibration", choices=CALIBRATIONS, default="sequential",
                    help="sequential: each layer's IDs measured on the pruned layers below; "
                         "one_shot: all from the dense model")
@@ -77,14 +78,16 @@ def main(argv=None):
         raise UserError(f"unknown task {args.task_name!r} (known tasks: {', '.join(task_names())})")
     model_dir = require_dir(args.model_dir or os.path.join("models", args.model_name, args.task_name), "checkpoint")
 
+    config = load_config(model_dir)
+    check_checkpoint(args.task_name, config)
+    try:
+        adapter_for(config)
+    except ValueError as err:
+        raise UserError(str(err))
     tokenizer = load_tokenizer(model_dir)
     task = make_task(args.task_name, tokenizer, args.data_dir, args.batch_size)
     model = load_model(model_dir, device=device)
-    try:
-        adapter = adapter_for(model)
-    except ValueError as err:
-        raise UserError(str(err))
-    task.check_model(model)
+    adapter = adapter_for(model)
 
     print(f"scoring the dense model on {args.task_name} ...")
     dense = task.evaluate(model, device)

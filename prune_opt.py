@@ -25,8 +25,9 @@ def parse_args(argv=None):
     p.add_argument("--method", choices=METHODS, default="stat",
                    help="stat: interpolative decompositions with corrections; magnitude: same allocation, "
                         "units ranked by weight norms, no correction")
-    p.add_argument("--allocation", choices=list(ALLOCATORS), default="faithful",
-                   help="how the MAC budget is shared across layers")
+    p.add_argument("--allocation", choices=list(ALLOCATORS), default="greedy",
+                   help="how the MAC budget is shared across layers: greedy (error removed per MAC), "
+                        "faithful (the rule of the authors' code), uniform")
     p.add_argument("--calibration", choices=CALIBRATIONS, default="sequential",
                    help="sequential: each layer's IDs measured on the pruned layers below")
     p.add_argument("--sketch", type=positive_int, metavar="ROWS",

@@ -25,14 +25,13 @@ from prerequisites.checkpoint import load_model, load_tokenizer  # noqa: E402
 from prune.pipeline import stat_prune  # noqa: E402
 from scripts.build_demo_classifier import DEFAULT_OUT, build_classifier  # noqa: E402
 
-# method/allocation/calibration; the first is the default of prune_bert.py
+# method/allocation/calibration[/examples scored in pass 1]; the first is prune_bert.py's default
 VARIANTS = [
+    "stat/greedy/sequential",
     "stat/faithful/sequential",
     "stat/uniform/sequential",
-    "stat/greedy/sequential",
-    "stat/faithful/one_shot",
-    "stat/faithful/dense_ffn",
-    "magnitude/faithful/-",
+    "stat/greedy/one_shot",
+    "magnitude/greedy/-",
 ]
 
 
@@ -71,13 +70,14 @@ def main():
     for mu in args.mus:
         row = f"{mu:>5.2f}  "
         for name in args.variants:
-            method, allocation, calibration_mode = name.split("/")
+            method, allocation, calibration_mode, *scored = name.split("/")
+            score_batches = -(-int(scored[0]) // task.batch_size) if scored else None
             accuracies = []
             for seed in args.seeds:
                 model = copy.deepcopy(dense_model)
                 result = stat_prune(model, adapter, calibrations[seed], costs, mu, "cpu", method=method,
                                     allocation=allocation, calibration=calibration_mode if method == "stat" else "sequential",
-                                    progress=False)
+                                    score_batches=score_batches, progress=False)
                 accuracies.append(task.evaluate(model, "cpu")["accuracy"])
                 ratio = model_macs(result.heads, result.neurons, costs) / dense_macs
                 assert ratio <= mu + 1e-9, (name, mu, ratio)

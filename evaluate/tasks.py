@@ -28,6 +28,18 @@ def make_task(name, tokenizer, data_dir=None, batch_size=64):
     raise UserError(f"unknown task {name!r} (known tasks: {', '.join(task_names())})")
 
 
+def check_checkpoint(name, config):
+    """Fail before anything loads when the checkpoint does not fit the task."""
+    architecture = (config.architectures or ["?"])[0]
+    needs = "ForQuestionAnswering" if name in SQUAD_VERSIONS else "ForSequenceClassification"
+    if not architecture.endswith(needs):
+        kind = "question-answering" if name in SQUAD_VERSIONS else "sequence-classification"
+        raise UserError(f"task {name} needs a {kind} checkpoint (*{needs}), this one is {architecture}")
+    if name in glue.TASKS and config.num_labels != glue.TASKS[name].num_labels:
+        raise UserError(f"the checkpoint has {config.num_labels} labels, task {name} needs "
+                        f"{glue.TASKS[name].num_labels}")
+
+
 def accepted_inputs(model, batch):
     """The batch without the inputs the model's forward does not take (DistilBERT has no
     token_type_ids) and without labels (we want logits, not a loss)."""
@@ -46,13 +58,6 @@ class GlueTask:
         self.train = glue.load_examples(self.spec, "train", data_dir)
         self.eval_sets = {split: glue.encode(glue.load_examples(self.spec, split, data_dir), tokenizer, self.spec)
                           for split in self.spec.eval_splits}
-
-    def check_model(self, model):
-        num_labels = model.config.num_labels
-        if num_labels != self.spec.num_labels:
-            raise UserError(f"the checkpoint has {num_labels} labels, task {self.name} needs {self.spec.num_labels}")
-        if not hasattr(model, "classifier"):
-            raise UserError(f"task {self.name} needs a sequence-classification checkpoint, got {type(model).__name__}")
 
     def _batches(self, encoded, model):
         return [accepted_inputs(model, b) | {"labels": b["labels"]}
@@ -84,10 +89,6 @@ class SquadTask:
         self.train = squad.load_squad(self.version, "train", data_dir)
         self.examples = squad.load_squad(self.version, "validation", data_dir)
         self.features = squad.prepare_eval_features(self.examples, tokenizer)
-
-    def check_model(self, model):
-        if not hasattr(model, "qa_outputs"):
-            raise UserError(f"task {self.name} needs a question-answering checkpoint, got {type(model).__name__}")
 
     def calibration_batches(self, model, n, seed):
         sample = squad.sample_calibration_features(self._some_train_features(n, seed), n, seed)

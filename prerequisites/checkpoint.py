@@ -10,6 +10,7 @@ saved next to the weights. It therefore loads two ways:
 """
 import json
 import os
+import re
 import shutil
 
 import transformers
@@ -59,16 +60,25 @@ def _model_class(config):
     return adapters.STAT_CLASSES[stock][0]
 
 
-def load_model(path, dtype=None, device="cpu"):
-    """Load a dense or pruned checkpoint directory; every weight must match (strict)."""
-    if not os.path.isdir(path):
-        raise UserError(f"checkpoint not found: {path}")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise UserError(f"not a checkpoint (no config.json): {path}")
+def load_config(path):
     try:
-        config = transformers.AutoConfig.from_pretrained(path)
+        return transformers.AutoConfig.from_pretrained(path)
     except (ValueError, OSError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read the config of {path}: {err}")
+        raise UserError(f"cannot read the config of {path}: {' '.join(str(err).split())}")
+
+
+def load_model(path, dtype=None, device="cpu"):
+    """Load a dense or pruned checkpoint (a folder, or a hub id in the local cache); every
+    weight must match (strict). A quantized checkpoint (quantize/storage.py) loads dequantized."""
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        raise UserError(f"not a checkpoint (no config.json): {path}")
+    if not os.path.isdir(path) and not re.fullmatch(r"[\w-]+/[\w.-]+", path):
+        raise UserError(f"checkpoint not found: {path}")
+    config = load_config(path)
+    if getattr(config, "stat_quantization", None) is not None:
+        from quantize.storage import load_quantized  # imported here: quantize.storage imports this module
+
+        return load_quantized(path, dtype, device, config)
     model_class = _model_class(config)
     model, info = model_class.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}

@@ -12,6 +12,7 @@ lets a large model prune on one GPU. Inside a layer the activations at the two c
 reused: the kept heads' outputs do not change when other heads go, so the attention is run
 once per batch.
 """
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -38,10 +39,6 @@ class Calibration:
     extras: list  # the layer's other arguments per batch (attention mask, positions)
     masks: list  # (B, S) bool per batch, True for real tokens; None when there is no padding
 
-    @property
-    def tokens(self):
-        return sum(int(m.sum()) if m is not None else h.shape[0] * h.shape[1] for h, m in zip(self.hidden, self.masks))
-
 
 @dataclass
 class PruneResult:
@@ -61,8 +58,6 @@ def capture_inputs(model, adapter, batches, device):
 
     `batches` yields dicts of model inputs (input_ids, attention_mask, ...).
     """
-    import inspect
-
     first = adapter.layers(model)[0]
     params = list(inspect.signature(first.forward).parameters)
     hidden, extras, masks = [], [], []
@@ -232,9 +227,22 @@ def prune_from_grams(model, adapter, heads, neurons, method, grams=None):
         adapter.prune_neurons(layer, keep, W_out)
 
 
-def stat_prune(model, adapter, batches, costs, mu, device, method="stat", allocation="faithful",
-               calibration="sequential", weighting=None, sketch_rows=None, progress=True):
-    """Prune `model` in place to at most μ of its attention and FFN MACs. Returns a PruneResult."""
+def spread_subset(items, count):
+    """`count` items evenly spaced over the list (all of them when count is None or larger)."""
+    if count is None or count >= len(items):
+        return list(items)
+    picks = torch.linspace(0, len(items) - 1, max(count, 1)).round().long().unique()
+    return [items[i] for i in picks.tolist()]
+
+
+def stat_prune(model, adapter, batches, costs, mu, device, method="stat", allocation="greedy",
+               calibration="sequential", weighting=None, sketch_rows=None, score_batches=None, progress=True):
+    """Prune `model` in place to at most μ of its attention and FFN MACs. Returns a PruneResult.
+
+    score_batches: how many of the calibration batches (evenly spaced) pass 1 scores the dense
+    model on; the allocation is a coarse decision that needs fewer tokens than the IDs of
+    pass 2, which always use every batch. None: all of them.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
     if calibration not in CALIBRATIONS:
@@ -245,7 +253,7 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     model.eval()
     batches = list(batches)
     keep_grams = method == "stat" and calibration != "sequential"
-    calib = capture_inputs(model, adapter, batches, device)
+    calib = capture_inputs(model, adapter, batches if keep_grams else spread_subset(batches, score_batches), device)
     scores, grams = measure_dense(model, adapter, calib, device, keep_grams=keep_grams,
                                   sketch_rows=sketch_rows, progress=progress)
     heads, neurons = ALLOCATORS[allocation](scores, costs, mu, weighting or adapter.depth_weighting)

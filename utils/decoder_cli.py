@@ -5,6 +5,7 @@ import datetime
 import os
 
 import torch
+from transformers import AutoConfig
 
 from dataset import lm
 from evaluate.perplexity import perplexity
@@ -78,6 +79,15 @@ def load(args):
     lm.check_task(args.task)
     source = model_source(args)
     tokenizer = load_tokenizer(source)
+    config = AutoConfig.from_pretrained(source)
+    seqlen = min(args.seqlen, getattr(config, "max_position_embeddings", args.seqlen))
+    # the data first: a missing or malformed file should fail before a large model loads
+    windows = {}
+    for name, tokens in lm.eval_tokens(args.task, tokenizer, args.data_dir).items():
+        cap = lm.MAX_EVAL_WINDOWS.get(name)
+        if args.eval_samples:
+            cap = min(cap or args.eval_samples, args.eval_samples)
+        windows[name] = lm.eval_windows(tokens, seqlen, cap)
     model = load_model(source, dtype=resolve_dtype(args.dtype, device))
     try:
         adapter = adapter_for(model)
@@ -85,13 +95,6 @@ def load(args):
         raise UserError(str(err))
     if not adapter.is_decoder:
         raise UserError(f"{args.model_name} is not a decoder language model ({type(model).__name__})")
-    seqlen = min(args.seqlen, model.config.max_position_embeddings)
-    windows = {}
-    for name, tokens in lm.eval_tokens(args.task, tokenizer, args.data_dir).items():
-        cap = lm.MAX_EVAL_WINDOWS.get(name)
-        if args.eval_samples:
-            cap = min(cap or args.eval_samples, args.eval_samples)
-        windows[name] = lm.eval_windows(tokens, seqlen, cap)
     return device, model, adapter, tokenizer, windows, seqlen
 
 

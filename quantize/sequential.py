@@ -1,0 +1,100 @@
+"""Quantize every linear layer of a transformer, layer by layer, as GPTQ does for OPT and Llama.
+
+The layers are processed from the bottom. Each one is moved to the device alone and run over
+all calibration batches, with hooks feeding the inputs of its linears to their GPTQ objects;
+its linears are then quantized, and the layer is run again, now quantized, to produce the
+inputs of the next layer. Every layer is therefore calibrated on what the quantized layers
+below it really output, and only one layer and the calibration activations are on the device
+at a time (the memory bound of the pruning pipeline).
+
+Inside a layer all linears see the inputs of the layer as it was before any of them was
+quantized (one pass, as in the published OPT code; not the `--true-sequential` variant).
+Only the linears inside the layers are quantized: embeddings, norms and the LM head stay float.
+Round-to-nearest (`nearest=True`) needs no data and skips the calibration passes.
+"""
+import dataclasses
+
+import torch
+from tqdm.auto import tqdm
+
+from prune.pipeline import capture_inputs, move_to, restore
+from quantize.gptq import GPTQ, rtn_quantize
+from quantize.pack import QuantizedWeight
+
+
+def layer_names(model, adapter):
+    """The full module name of each layer, e.g. 'model.layers.3'."""
+    names = {id(module): name for name, module in model.named_modules()}
+    return [names[id(layer)] for layer in adapter.layers(model)]
+
+
+def quantized_linears(model, adapter):
+    """(full module name, module) of every linear the quantization covers, layer by layer."""
+    out = []
+    for layer_name, layer in zip(layer_names(model, adapter), adapter.layers(model)):
+        for group in adapter.linear_groups(layer):
+            out.extend((f"{layer_name}.{path}", adapter.get(layer, path)) for path in group)
+    return out
+
+
+@torch.no_grad()
+def quantize_model(model, adapter, batches, device, wbits, groupsize=-1, sym=False, act_order=False,
+                   percdamp=0.01, nearest=False, progress=True):
+    """Quantize the linears of every layer in place (GPTQ, or RTN when `nearest`).
+
+    `batches` yields dicts of model inputs (input_ids, attention_mask...); unused when `nearest`.
+    Returns {full module name ('model.layers.3.self_attn.q_proj'): QuantizedWeight}; a module's
+    state_dict prefix is its name plus '.'. The model's weights become the dequantized ones.
+    """
+    model.eval()
+    layers = adapter.layers(model)
+    names = layer_names(model, adapter)
+    calib = None if nearest else capture_inputs(model, adapter, list(batches), device)
+    quantized = {}
+    for layer_name, layer in zip(names, tqdm(layers, desc="quantize", disable=not progress)):
+        moved = move_to([layer], device)
+        paths = [path for group in adapter.linear_groups(layer) for path in group]
+        if nearest:
+            results = {path: rtn_quantize(adapter.get(layer, path), wbits, groupsize, sym) for path in paths}
+        else:
+            results = _gptq_layer(adapter, layer, paths, calib, wbits, groupsize, sym, act_order, percdamp)
+            # The next layer is calibrated on the outputs of this one as quantized.
+            for b, (x, extras) in enumerate(zip(calib.hidden, calib.extras)):
+                out = layer(x, **extras)
+                calib.hidden[b] = out[0] if isinstance(out, tuple) else out
+        for path, result in results.items():
+            quantized[f"{layer_name}.{path}"] = _on_cpu(QuantizedWeight.from_result(result))
+        restore(moved)
+    return quantized
+
+
+def _gptq_layer(adapter, layer, paths, calib, wbits, groupsize, sym, act_order, percdamp):
+    """One pass of the dense layer over all batches to collect every linear's inputs, then GPTQ."""
+    gptq = {path: GPTQ(adapter.get(layer, path)) for path in paths}
+    current = {}  # the padding mask of the batch being run, read by the hooks
+
+    def hook_for(path):
+        def hook(_module, inputs, _output):
+            gptq[path].add_batch(inputs[0], current["mask"])
+        return hook
+
+    handles = [adapter.get(layer, path).register_forward_hook(hook_for(path)) for path in paths]
+    try:
+        for x, extras, mask in zip(calib.hidden, calib.extras, calib.masks):
+            current["mask"] = mask
+            layer(x, **extras)
+    finally:
+        for handle in handles:
+            handle.remove()
+    results = {}
+    for path in paths:
+        results[path] = gptq[path].quantize(wbits, groupsize, sym, act_order, percdamp)
+        gptq[path].free()
+    return results
+
+
+def _on_cpu(weight):
+    """The packed weight kept on the CPU, like the layers between their turns on the device."""
+    g_idx = None if weight.g_idx is None else weight.g_idx.cpu()
+    return dataclasses.replace(weight, qweight=weight.qweight.cpu(), qzeros=weight.qzeros.cpu(),
+                               scales=weight.scales.cpu(), g_idx=g_idx)

@@ -1,0 +1,103 @@
+"""Decoders end to end: layer-by-layer perplexity, prune_opt.py and opt_eval.py on tiny models."""
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import opt_eval
+import prune_opt
+import tiny
+from evaluate.perplexity import perplexity
+from prerequisites.adapters import adapter_for
+from prerequisites.checkpoint import load_model
+from utils.cli import run_main
+
+AUSTEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "austen")
+
+
+@pytest.mark.parametrize("make", [tiny.opt, tiny.llama])
+def test_layer_by_layer_perplexity_equals_a_full_forward_pass(make):
+    model = make()
+    windows = torch.randint(5, 2000, (5, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        losses = torch.stack([model(w[None], labels=w[None]).loss for w in windows])
+    expected = float(torch.exp(losses.mean()))  # GPTQ protocol: exp of the mean per-window NLL
+    got = perplexity(model, adapter_for(model), windows, "cpu", batch_size=2, progress=False)
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("decoders")
+    tokenizer = AutoTokenizer.from_pretrained(tiny.gpt2_tokenizer_dir())
+    paths = {}
+    for name, model in (("tiny-opt", tiny.opt(positions=128)), ("tiny-llama", tiny.llama(positions=128))):
+        paths[name] = str(root / name)
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    data = root / "text"
+    data.mkdir()
+    text = open(os.path.join(AUSTEN, "emma.txt")).read()
+    (data / "train.txt").write_text(text[:40000])
+    (data / "test.txt").write_text(text[40000:52000])
+    paths["data"] = str(data)
+    return paths
+
+
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama"])
+def test_prune_opt_end_to_end(setup, tmp_path, name):
+    out, saved = str(tmp_path / "out"), str(tmp_path / "pruned")
+    argv = ["--model_name", name, "--model_dir", setup[name], "--task", "text", "--data_dir", setup["data"],
+            "--mu", "0.6", "--seed", "1", "--nsamples", "8", "--seqlen", "64", "--eval_samples", "6",
+            "--output_dir", out, "--device", "cpu", "--save_model", saved]
+    record = prune_opt.main(argv)
+    line = json.loads(open(os.path.join(out, "opt", f"{name}.jsonl")).read().splitlines()[-1])
+    for key in ("model_name", "task", "method", "mu", "mac_ratio", "seed", "nsamples", "seqlen", "ppl_dense",
+                "ppl_pruned", "heads_per_layer", "neurons_per_layer", "params_dense", "params_pruned",
+                "prune_seconds", "peak_memory_mb", "device"):
+        assert key in line, key
+    assert line["seqlen"] == 64 and line["nsamples"] == 8 and 0 < line["mac_ratio"] <= 0.6
+    assert set(line["ppl_dense"]) == {"text"} and line["ppl_pruned"]["text"] > 0
+    assert line["params_pruned"] < line["params_dense"]
+    assert "perplexity text: dense" in open(os.path.join(out, "opt", f"{name}.txt")).read()
+
+    # the saved model reloads to the same shapes and perplexity, and generates
+    reloaded = load_model(saved)
+    assert reloaded.config.stat_heads == record["heads_per_layer"]
+    windows = torch.randint(5, 2000, (3, 32), generator=torch.Generator().manual_seed(2))
+    pruned_again = perplexity(reloaded, adapter_for(reloaded), windows, "cpu", progress=False)
+    assert pruned_again > 0
+    with torch.no_grad():
+        out_ids = reloaded.generate(windows[:1, :8], max_new_tokens=5, do_sample=False)
+    assert out_ids.shape == (1, 13)
+
+
+def test_opt_eval(setup, tmp_path):
+    record = opt_eval.main(["--model_name", "tiny-opt", "--model_dir", setup["tiny-opt"], "--task", "text",
+                            "--data_dir", setup["data"], "--seqlen", "64", "--output_dir", str(tmp_path)])
+    model = load_model(setup["tiny-opt"])
+    tokens = AutoTokenizer.from_pretrained(setup["tiny-opt"])(open(os.path.join(setup["data"], "test.txt")).read())
+    ids = torch.tensor(tokens["input_ids"])
+    windows = ids[: len(ids) // 64 * 64].view(-1, 64)
+    assert record["ppl_dense"]["text"] == pytest.approx(perplexity(model, adapter_for(model), windows, "cpu",
+                                                                   progress=False), rel=1e-5)
+
+
+@pytest.mark.parametrize("bad,expected", [
+    (["--mu", "0"], "mu must be in (0, 1]"),
+    (["--mu", "2"], "mu must be in (0, 1]"),
+    (["--task", "wikitext3"], "unknown"),
+    (["--model_dir", "/no/such/model"], "checkpoint not found"),
+    (["--data_dir", "/no/such/data"], "not found"),
+])
+def test_bad_input(setup, tmp_path, capsys, bad, expected):
+    args = {"--model_name": "tiny-opt", "--model_dir": setup["tiny-opt"], "--task": "text",
+            "--data_dir": setup["data"], "--mu": "0.5", "--output_dir": str(tmp_path / "out")}
+    args.update(dict(zip(bad[::2], bad[1::2])))
+    with pytest.raises(SystemExit) as info:
+        run_main(lambda: prune_opt.main([x for kv in args.items() for x in kv]))
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1 and expected in err, err
+    assert not os.path.exists(tmp_path / "out")

@@ -15,12 +15,12 @@ from efficiency.macs import adapter_costs, count_parameters, model_macs, shape_o
 from prerequisites.checkpoint import save_pruned
 from prune.allocation import ALLOCATORS
 from prune.pipeline import CALIBRATIONS, METHODS, stat_prune
-from utils.cli import mu_value, positive_int, run_main, set_seed
+from utils.cli import fraction_value, mu_value, positive_int, run_main, set_seed
 from utils.decoder_cli import calibration_batches, decoder_parser, load, now, perplexities, ppl_lines, write
 
 
-def parse_args(argv=None):
-    p = decoder_parser(__doc__)
+def add_prune_arguments(p):
+    """The pruning flags, shared with quantize_opt.py."""
     p.add_argument("--mu", type=mu_value, required=True, help="fraction of attention+FFN MACs to keep, in (0, 1]")
     p.add_argument("--method", choices=METHODS, default="stat",
                    help="stat: interpolative decompositions with corrections; magnitude: same allocation, "
@@ -30,9 +30,17 @@ def parse_args(argv=None):
                         "faithful (the rule of the authors' code), uniform")
     p.add_argument("--calibration", choices=CALIBRATIONS, default="sequential",
                    help="sequential: each layer's IDs measured on the pruned layers below")
+    p.add_argument("--score_fraction", type=fraction_value, default=0.25,
+                   help="share of the calibration set that pass 1 scores the dense model on (for the "
+                        "allocation; pass 2 always uses all of it)")
     p.add_argument("--sketch", type=positive_int, metavar="ROWS",
                    help="CountSketch each batch's activations to this many rows before its Gram product "
                         "(for large models; approximate)")
+
+
+def parse_args(argv=None):
+    p = decoder_parser(__doc__)
+    add_prune_arguments(p)
     p.add_argument("--save_model", metavar="DIR", help="write the pruned model here")
     return p.parse_args(argv)
 
@@ -48,13 +56,15 @@ def prune_and_report(args, device, model, adapter, tokenizer, windows, seqlen):
     start = time.perf_counter()
     if args.mu < 1.0:
         stat_prune(model, adapter, calibration, costs, args.mu, device, method=args.method,
-                   allocation=args.allocation, calibration=args.calibration, sketch_rows=args.sketch)
+                   allocation=args.allocation, calibration=args.calibration, sketch_rows=args.sketch,
+                   score_fraction=args.score_fraction)
     prune_seconds = time.perf_counter() - start
     ppl_pruned = perplexities(model, adapter, windows, device, args.batch_size, "pruned") if args.mu < 1 else ppl_dense
     heads, neurons = shape_of(model, adapter)
     return {
         "model_name": args.model_name, "task": args.task, "method": args.method, "allocation": args.allocation,
-        "calibration": args.calibration, "mu": args.mu, "mac_ratio": model_macs(heads, neurons, costs) / dense_macs,
+        "calibration": args.calibration, "score_fraction": args.score_fraction, "mu": args.mu,
+        "mac_ratio": model_macs(heads, neurons, costs) / dense_macs,
         "seed": args.seed, "nsamples": args.nsamples, "seqlen": seqlen, "eval_samples": args.eval_samples,
         "ppl_dense": ppl_dense, "ppl_pruned": ppl_pruned, "heads_per_layer": heads, "neurons_per_layer": neurons,
         "params_dense": params_dense, "params_pruned": count_parameters(model), "prune_seconds": prune_seconds,

@@ -16,12 +16,10 @@ import os
 import time
 
 from efficiency.latency import peak_memory_mb
-from prune.allocation import ALLOCATORS
-from prune.pipeline import CALIBRATIONS, METHODS
-from prune_opt import prune_and_report
+from prune_opt import add_prune_arguments, prune_and_report
 from quantize.sequential import quantize_model
 from quantize.storage import save_quantized, weights_size_mb
-from utils.cli import mu_value, positive_int, run_main
+from utils.cli import run_main
 from utils.decoder_cli import decoder_parser, load, model_source, now, perplexities, ppl_lines, write
 
 WBITS = (2, 3, 4, 8)
@@ -74,19 +72,7 @@ def check_quantize_arguments(p, args):
 
 def parse_args(argv=None):
     p = decoder_parser(__doc__)
-    # The pruning flags of prune_opt.py, with its defaults.
-    p.add_argument("--mu", type=mu_value, required=True,
-                   help="fraction of attention+FFN MACs to keep, in (0, 1]; 1: no pruning")
-    p.add_argument("--method", choices=METHODS, default="stat",
-                   help="stat: interpolative decompositions with corrections; magnitude: same allocation, "
-                        "units ranked by weight norms, no correction")
-    p.add_argument("--allocation", choices=list(ALLOCATORS), default="greedy",
-                   help="how the MAC budget is shared across layers: greedy (error removed per MAC), "
-                        "faithful (the rule of the authors' code), uniform")
-    p.add_argument("--calibration", choices=CALIBRATIONS, default="sequential",
-                   help="sequential: each layer's IDs measured on the pruned layers below")
-    p.add_argument("--sketch", type=positive_int, metavar="ROWS",
-                   help="CountSketch each batch's activations to this many rows before its Gram product")
+    add_prune_arguments(p)  # μ = 1: no pruning
     add_quantize_arguments(p, wbits_required=True)
     args = p.parse_args(argv)
     check_quantize_arguments(p, args)

@@ -76,19 +76,22 @@ def _tail_norms(M, minus=0.0):
 def pivoted_factor(G):
     """Greedy column order and R factor of G (the pivoted QR of A, from G only).
 
-    LAPACK's dpstrf is the blocked pivoted Cholesky; it stops when the remaining diagonal is
-    numerically zero, and the columns after that point carry no information (their rows of R
-    are set to zero, so their pivots and the errors they leave are zero).
+    LAPACK's dpstrf is the blocked pivoted Cholesky. With the ridge added every pivot is at
+    least the ridge in exact arithmetic, so it is told to go on until then; should rounding
+    stop it earlier (a Gram of fewer tokens than units, with a huge dynamic range), the
+    columns left carry no information and get the factor of the ridge alone.
     """
     device = G.device
     ridge = ridge_of(G)
     Gr = G.detach().to("cpu", torch.float64).numpy().copy()
     Gr[np.diag_indices_from(Gr)] += ridge
-    c, piv, rank, info = lapack.dpstrf(Gr, lower=0, overwrite_a=1)
+    # the lower factor L of a Fortran-ordered result is R = Lᵀ in C order: no copy to transpose
+    c, piv, rank, info = lapack.dpstrf(Gr, lower=1, tol=ridge / 2, overwrite_a=1)
     if info < 0:
         raise ValueError(f"dpstrf failed: illegal argument {-info}")
-    R = torch.from_numpy(c).triu_()
+    R = torch.from_numpy(c.T).triu_()
     R[rank:, :] = 0.0
+    R[range(rank, len(R)), range(rank, len(R))] = ridge ** 0.5
     order = torch.from_numpy(piv.astype(np.int64) - 1)
     return Factor(order=order, R=R.to(device), ridge=ridge)
 

@@ -16,6 +16,7 @@ import inspect
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -104,23 +105,28 @@ def restore(moved):
         m.to(dev)
 
 
-def layer_scores(adapter, layer, G_heads, G_ffn):
+def dense_blocks(adapter, layer, G_heads, G_ffn):
+    """The STAT blocks of one dense layer and their scores (an empty block has None, and
+    scores as nothing to keep)."""
     unit_dims = adapter.unit_dims()
     W_O = adapter.get(layer, adapter.head_consumer).weight
     W_out = adapter.get(layer, adapter.ffn_consumer).weight
-    _, head_factor = stat_heads(G_heads, W_O, unit_dims)
-    _, neuron_factor = stat_neurons(G_ffn, W_out)
-    return LayerScores(
-        head_errors=head_factor.output_errors(W_O)[::unit_dims].cpu().numpy(),
-        neuron_pivots=neuron_factor.pivots().cpu().numpy(),
-        neuron_errors=neuron_factor.errors().cpu().numpy(),
-    )
+    head_block = neuron_block = None
+    head_errors, neuron_pivots, neuron_errors = np.zeros(1), np.zeros(0), np.zeros(1)
+    if G_heads.shape[0]:
+        head_block, head_factor = stat_heads(G_heads, W_O, unit_dims)
+        head_errors = head_factor.output_errors(W_O)[::unit_dims].cpu().numpy()
+    if G_ffn.shape[0]:
+        neuron_block, neuron_factor = stat_neurons(G_ffn, W_out)
+        neuron_pivots, neuron_errors = neuron_factor.pivots().cpu().numpy(), neuron_factor.errors().cpu().numpy()
+    return LayerScores(head_errors, neuron_pivots, neuron_errors), (head_block, neuron_block)
 
 
 @torch.no_grad()
-def measure_dense(model, adapter, calib, device, keep_grams=False, sketch_rows=None, progress=True):
-    """Pass 1: every layer's Grams on the dense model, and the scores they give."""
-    scores, grams = [], []
+def measure_dense(model, adapter, calib, device, keep_blocks=False, sketch_rows=None, progress=True):
+    """Pass 1: every layer's Grams on the dense model, and the scores they give (and, when
+    asked, the blocks themselves, to prune from the dense model's IDs)."""
+    scores, blocks = [], []
     layers = adapter.layers(model)
     for layer in tqdm(layers, desc="pass 1: dense Grams", disable=not progress):
         moved = move_to([layer], device)
@@ -133,25 +139,23 @@ def measure_dense(model, adapter, calib, device, keep_grams=False, sketch_rows=N
             hidden = adapter.ffn_hidden(layer, h)
             G_ffn.add_batch(hidden, mask)
             calib.hidden[b] = adapter.after_ffn(layer, hidden, h)
-        scores.append(layer_scores(adapter, layer, G_heads.G, G_ffn.G))
-        if keep_grams:
-            grams.append((G_heads.G.cpu(), G_ffn.G.cpu()))
+        layer_scores, layer_blocks = dense_blocks(adapter, layer, G_heads.G, G_ffn.G)
+        scores.append(layer_scores)
+        if keep_blocks:
+            blocks.append(layer_blocks)
         restore(moved)
-    return scores, grams
+    return scores, blocks
 
 
-def _head_block(adapter, layer, method, G=None):
-    W_O = adapter.get(layer, adapter.head_consumer).weight
-    if method == "magnitude":
-        return magnitude_units(W_O, head_weight_norms(adapter, layer), adapter.unit_dims())
-    return stat_heads(G, W_O, adapter.unit_dims())[0]
-
-
-def _neuron_block(adapter, layer, method, G=None):
-    W_out = adapter.get(layer, adapter.ffn_consumer).weight
-    if method == "magnitude":
-        return magnitude_units(W_out, neuron_weight_norms(adapter, layer))
-    return stat_neurons(G, W_out)[0]
+def magnitude_blocks(adapter, layer):
+    head_block = neuron_block = None
+    if adapter.n_units(layer):
+        head_block = magnitude_units(adapter.get(layer, adapter.head_consumer).weight,
+                                     head_weight_norms(adapter, layer), adapter.unit_dims())
+    if adapter.n_neurons(layer):
+        neuron_block = magnitude_units(adapter.get(layer, adapter.ffn_consumer).weight,
+                                       neuron_weight_norms(adapter, layer))
+    return head_block, neuron_block
 
 
 def head_weight_norms(adapter, layer):
@@ -182,33 +186,36 @@ def _gram(activations, masks, n, device, sketch_rows):
 
 
 @torch.no_grad()
-def prune_sequential(model, adapter, calib, heads, neurons, device, dense_grams=None, sketch_rows=None,
+def prune_sequential(model, adapter, calib, heads, neurons, device, dense_blocks=None, sketch_rows=None,
                      progress=True):
     """Pass 2: prune from the bottom, each layer's IDs measured on the pruned layers below.
 
-    With `dense_grams`, the FFN IDs come from the dense model's Grams instead (only the heads
-    are re-measured), which saves the costliest Gram products.
+    With `dense_blocks`, the FFN IDs come from the dense model instead (only the heads are
+    re-measured), which saves the costliest Gram products.
     """
     layers = adapter.layers(model)
     for l, layer in enumerate(tqdm(layers, desc="pass 2: prune", disable=not progress)):
         moved = move_to([layer], device)
         contexts = [adapter.attention_context(layer, x, extras) for x, extras in zip(calib.hidden, calib.extras)]
-        G_heads = _gram(contexts, calib.masks, adapter.n_units(layer) * adapter.unit_dims(), device, sketch_rows)
-        keep, W_O = _head_block(adapter, layer, "stat", G_heads).prune(heads[l])
-        adapter.prune_heads(layer, keep, W_O)
-        kept_dims = expand_groups(keep, adapter.unit_dims()).to(device)
+        kept_dims = torch.zeros(0, dtype=torch.long, device=device)
+        if adapter.n_units(layer):
+            G_heads = _gram(contexts, calib.masks, adapter.n_units(layer) * adapter.unit_dims(), device, sketch_rows)
+            W_O = adapter.get(layer, adapter.head_consumer).weight
+            keep, W_O = stat_heads(G_heads, W_O, adapter.unit_dims())[0].prune(heads[l])
+            adapter.prune_heads(layer, keep, W_O)
+            kept_dims = expand_groups(keep, adapter.unit_dims()).to(device)
         # the kept heads' outputs are unchanged by the pruning: reuse them
         hs = [adapter.after_attention(layer, c[..., kept_dims], x) for c, x in zip(contexts, calib.hidden)]
         del contexts
 
-        if dense_grams is None:
-            G_ffn = _gram((adapter.ffn_hidden(layer, h) for h in hs), calib.masks, adapter.n_neurons(layer),
-                          device, sketch_rows)
-        else:
-            G_ffn = dense_grams[l][1].to(device)
-        keep, W_out = _neuron_block(adapter, layer, "stat", G_ffn).prune(neurons[l])
-        adapter.prune_neurons(layer, keep, W_out)
-        del G_ffn
+        if adapter.n_neurons(layer):
+            if dense_blocks is None:
+                G_ffn = _gram((adapter.ffn_hidden(layer, h) for h in hs), calib.masks, adapter.n_neurons(layer),
+                              device, sketch_rows)
+                block = stat_neurons(G_ffn, adapter.get(layer, adapter.ffn_consumer).weight)[0]
+            else:
+                block = dense_blocks[l][1]
+            adapter.prune_neurons(layer, *block.prune(neurons[l]))
 
         for b, h in enumerate(hs):
             calib.hidden[b] = adapter.after_ffn(layer, adapter.ffn_hidden(layer, h), h)
@@ -217,31 +224,32 @@ def prune_sequential(model, adapter, calib, heads, neurons, device, dense_grams=
 
 
 @torch.no_grad()
-def prune_from_grams(model, adapter, heads, neurons, method, grams=None):
-    """Prune every layer at once: by weight norms (magnitude), or by the dense Grams (one-shot)."""
+def prune_from_blocks(model, adapter, heads, neurons, blocks):
+    """Prune every layer at once from blocks decided beforehand (dense IDs, or weight norms)."""
     for l, layer in enumerate(adapter.layers(model)):
-        G_heads, G_ffn = grams[l] if grams else (None, None)
-        keep, W_O = _head_block(adapter, layer, method, G_heads).prune(heads[l])
-        adapter.prune_heads(layer, keep, W_O)
-        keep, W_out = _neuron_block(adapter, layer, method, G_ffn).prune(neurons[l])
-        adapter.prune_neurons(layer, keep, W_out)
+        head_block, neuron_block = blocks[l]
+        if head_block is not None:
+            adapter.prune_heads(layer, *head_block.prune(heads[l]))
+        if neuron_block is not None:
+            adapter.prune_neurons(layer, *neuron_block.prune(neurons[l]))
 
 
-def spread_subset(items, count):
-    """`count` items evenly spaced over the list (all of them when count is None or larger)."""
-    if count is None or count >= len(items):
+def spread_subset(items, fraction):
+    """About `fraction` of the items, evenly spread (batches are often sorted by length)."""
+    count = max(1, round(fraction * len(items)))
+    if count >= len(items):
         return list(items)
-    picks = torch.linspace(0, len(items) - 1, max(count, 1)).round().long().unique()
-    return [items[i] for i in picks.tolist()]
+    return [items[int((i + 0.5) * len(items) / count)] for i in range(count)]
 
 
 def stat_prune(model, adapter, batches, costs, mu, device, method="stat", allocation="greedy",
-               calibration="sequential", weighting=None, sketch_rows=None, score_batches=None, progress=True):
+               calibration="sequential", weighting=None, sketch_rows=None, score_fraction=0.25, progress=True):
     """Prune `model` in place to at most μ of its attention and FFN MACs. Returns a PruneResult.
 
-    score_batches: how many of the calibration batches (evenly spaced) pass 1 scores the dense
-    model on; the allocation is a coarse decision that needs fewer tokens than the IDs of
-    pass 2, which always use every batch. None: all of them.
+    score_fraction: the share of the calibration batches (evenly spread) that pass 1 scores
+    the dense model on. The allocation is a coarse decision: a quarter of the data measured
+    as well as all of it (README), at a quarter of the cost; the IDs of pass 2 always use
+    every batch. (one_shot prunes with the IDs of pass 1, so it always uses every batch.)
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
@@ -252,16 +260,19 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     start = time.perf_counter()
     model.eval()
     batches = list(batches)
-    keep_grams = method == "stat" and calibration != "sequential"
-    calib = capture_inputs(model, adapter, batches if keep_grams else spread_subset(batches, score_batches), device)
-    scores, grams = measure_dense(model, adapter, calib, device, keep_grams=keep_grams,
-                                  sketch_rows=sketch_rows, progress=progress)
+    keep_blocks = method == "stat" and calibration != "sequential"
+    calib = capture_inputs(model, adapter, batches if keep_blocks else spread_subset(batches, score_fraction), device)
+    scores, blocks = measure_dense(model, adapter, calib, device, keep_blocks=keep_blocks,
+                                   sketch_rows=sketch_rows, progress=progress)
+    del calib
     heads, neurons = ALLOCATORS[allocation](scores, costs, mu, weighting or adapter.depth_weighting)
-    if method == "stat" and calibration != "one_shot":
+    if method == "magnitude":
+        prune_from_blocks(model, adapter, heads, neurons, [magnitude_blocks(adapter, l) for l in adapter.layers(model)])
+    elif calibration == "one_shot":
+        prune_from_blocks(model, adapter, heads, neurons, blocks)
+    else:
         calib = capture_inputs(model, adapter, batches, device)
         prune_sequential(model, adapter, calib, heads, neurons, device,
-                         grams if calibration == "dense_ffn" else None, sketch_rows, progress)
-    else:
-        prune_from_grams(model, adapter, heads, neurons, method, grams if keep_grams else None)
+                         blocks if calibration == "dense_ffn" else None, sketch_rows, progress)
     return PruneResult(heads=list(heads), neurons=list(neurons), scores=scores,
                        seconds=time.perf_counter() - start)

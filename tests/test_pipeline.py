@@ -138,7 +138,8 @@ def test_padding_never_enters_a_gram():
     for batches in (alone, junk):
         model = tiny.bert()
         adapter = adapter_for(model)
-        stat_prune(model, adapter, batches, adapter_costs(adapter, 12), 0.5, "cpu", progress=False)
+        stat_prune(model, adapter, batches, adapter_costs(adapter, 12), 0.5, "cpu", score_fraction=1.0,
+                   progress=False)
         results.append(model)
     for (name, p), (_, q) in zip(results[0].named_parameters(), results[1].named_parameters()):
         assert p.shape == q.shape, name
@@ -170,3 +171,20 @@ def test_achieved_macs_never_exceed_the_target(family, allocation):
     stat_prune(model, adapter, tiny.random_batches(), costs, 0.4, "cpu", allocation=allocation, progress=False)
     ratio = model_macs(*shape_of(model, adapter), costs) / dense_macs
     assert 0.3 < ratio <= 0.4 + 1e-12
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruning_a_model_with_empty_blocks_again(family):
+    """A pruned model (one layer without heads, one without neurons) prunes further."""
+    from test_adapters import shrink
+
+    model = shrink(FAMILIES[family](), [0, 1, 2], [40, 0, 50])
+    adapter = adapter_for(model)
+    batches = tiny.random_batches()
+    costs = adapter_costs(adapter, 12)
+    before = model_macs(*shape_of(model, adapter), costs)
+    stat_prune(model, adapter, batches, costs, 0.6, "cpu", progress=False)
+    heads, neurons = shape_of(model, adapter)
+    assert heads[0] == 0 and neurons[1] == 0
+    assert model_macs(heads, neurons, costs) <= 0.6 * before
+    assert torch.isfinite(logits(model, batches)).all()

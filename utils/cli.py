@@ -46,6 +46,17 @@ def mu_value(text):
     return mu
 
 
+def fraction_value(text):
+    """argparse type for a share in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+    return value
+
+
 def positive_int(text):
     try:
         value = int(text)

@@ -16,9 +16,9 @@ from efficiency.macs import adapter_costs, count_parameters, model_macs, shape_o
 from evaluate.tasks import check_checkpoint, make_task, task_names
 from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import load_config, load_model, load_tokenizer, save_pruned
-from prune.allocation import ALLOCATORS
-from prune.pipeline import CALIBRATIONS, METHODS, stat_prune
-from utils.cli import fraction_value, ArgumentParser, UserError, mu_value, positive_int, require_dir, resolve_device, run_main, set_seed
+from prune.pipeline import stat_prune
+from utils.cli import (ArgumentParser, UserError, add_stat_arguments, mu_value, positive_int, require_dir,
+                       resolve_device, run_main, set_seed)
 from utils.results import append_result
 
 
@@ -34,21 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", default="output", help="where results are written")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--save_model", metavar="DIR", help="write the pruned model here")
-    p.add_argument("--method", choices=METHODS, default="stat",
-                   help="stat: interpolative decompositions with corrections; magnitude: same allocation, "
-                        "units ranked by weight norms, no correction")
-    p.add_argument("--allocation", choices=list(ALLOCATORS), default="greedy",
-                   help="how the MAC budget is shared across layers: greedy (error removed per MAC), "
-                        "faithful (the rule of the authors' code), uniform")
-    p.add_argument("--calibration", choices=CALIBRATIONS, default="sequential",
-                   help="sequential: each layer's IDs measured on the pruned layers below; "
-                        "one_shot: all from the dense model")
-    p.add_argument("--score_fraction", type=fraction_value, default=0.25,
-                   help="share of the calibration set that pass 1 scores the dense model on (for the "
-                        "allocation; pass 2 always uses all of it)")
     p.add_argument("--batch_size", type=positive_int, default=64, help="batch size of calibration and evaluation")
-    p.add_argument("--sketch", type=positive_int, metavar="ROWS",
-                   help="CountSketch each batch's activations to this many rows before its Gram product")
+    add_stat_arguments(p)
     return p.parse_args(argv)
 
 
@@ -83,7 +70,7 @@ def main(argv=None):
     config = load_config(model_dir)
     check_checkpoint(args.task_name, config)
     try:
-        adapter_for(config)
+        args.allocation = args.allocation or adapter_for(config).default_allocation
     except ValueError as err:
         raise UserError(str(err))
     tokenizer = load_tokenizer(model_dir)

@@ -13,29 +13,15 @@ import time
 from efficiency.latency import peak_memory_mb
 from efficiency.macs import adapter_costs, count_parameters, model_macs, shape_of
 from prerequisites.checkpoint import save_pruned
-from prune.allocation import ALLOCATORS
-from prune.pipeline import CALIBRATIONS, METHODS, stat_prune
-from utils.cli import fraction_value, mu_value, positive_int, run_main, set_seed
+from prune.pipeline import stat_prune
+from utils.cli import add_stat_arguments, mu_value, run_main, set_seed
 from utils.decoder_cli import calibration_batches, decoder_parser, load, now, perplexities, ppl_lines, write
 
 
 def add_prune_arguments(p):
     """The pruning flags, shared with quantize_opt.py."""
     p.add_argument("--mu", type=mu_value, required=True, help="fraction of attention+FFN MACs to keep, in (0, 1]")
-    p.add_argument("--method", choices=METHODS, default="stat",
-                   help="stat: interpolative decompositions with corrections; magnitude: same allocation, "
-                        "units ranked by weight norms, no correction")
-    p.add_argument("--allocation", choices=list(ALLOCATORS), default="greedy",
-                   help="how the MAC budget is shared across layers: greedy (error removed per MAC), "
-                        "faithful (the rule of the authors' code), uniform")
-    p.add_argument("--calibration", choices=CALIBRATIONS, default="sequential",
-                   help="sequential: each layer's IDs measured on the pruned layers below")
-    p.add_argument("--score_fraction", type=fraction_value, default=0.25,
-                   help="share of the calibration set that pass 1 scores the dense model on (for the "
-                        "allocation; pass 2 always uses all of it)")
-    p.add_argument("--sketch", type=positive_int, metavar="ROWS",
-                   help="CountSketch each batch's activations to this many rows before its Gram product "
-                        "(for large models; approximate)")
+    add_stat_arguments(p)
 
 
 def parse_args(argv=None):
@@ -71,6 +57,18 @@ def prune_and_report(args, device, model, adapter, tokenizer, windows, seqlen):
     }, calibration
 
 
+def pruning_lines(record):
+    """The lines of a result block that say what pruning did (shared with quantize_opt.py)."""
+    return [
+        f"MACs kept: {record['mac_ratio']:.4f} of dense (target {record['mu']})",
+        *ppl_lines(record),
+        f"heads per layer: {record['heads_per_layer']}",
+        f"neurons per layer: {record['neurons_per_layer']}",
+        f"parameters: dense {record['params_dense'] / 1e6:.2f}M  pruned {record['params_pruned'] / 1e6:.2f}M",
+        f"prune time: {record['prune_seconds']:.1f} s, peak memory {record['peak_memory_mb']:.0f} MB",
+    ]
+
+
 def main(argv=None):
     args = parse_args(argv)
     device, model, adapter, tokenizer, windows, seqlen = load(args)
@@ -83,12 +81,7 @@ def main(argv=None):
         f"prune_opt: method {args.method} (allocation {args.allocation}, calibration {args.calibration}), "
         f"mu {args.mu}, calibrated on {args.task} ({args.nsamples} x {seqlen} tokens, seed {args.seed}), "
         f"device {device}",
-        f"MACs kept: {record['mac_ratio']:.4f} of dense (target {args.mu})",
-        *ppl_lines(record),
-        f"heads per layer: {record['heads_per_layer']}",
-        f"neurons per layer: {record['neurons_per_layer']}",
-        f"parameters: dense {record['params_dense'] / 1e6:.2f}M  pruned {record['params_pruned'] / 1e6:.2f}M",
-        f"prune time: {record['prune_seconds']:.1f} s, peak memory {record['peak_memory_mb']:.0f} MB",
+        *pruning_lines(record),
     ])
     return record
 

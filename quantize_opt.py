@@ -16,11 +16,11 @@ import os
 import time
 
 from efficiency.latency import peak_memory_mb
-from prune_opt import add_prune_arguments, prune_and_report
+from prune_opt import add_prune_arguments, prune_and_report, pruning_lines
 from quantize.sequential import quantize_model
 from quantize.storage import save_quantized, weights_size_mb
 from utils.cli import run_main
-from utils.decoder_cli import decoder_parser, load, model_source, now, perplexities, ppl_lines, write
+from utils.decoder_cli import decoder_parser, load, model_source, now, perplexities, write
 
 WBITS = (2, 3, 4, 8)
 QUANTIZE_FLAGS = ("groupsize", "sym", "act_order", "nearest", "percdamp", "save_model")
@@ -131,12 +131,7 @@ def main(argv=None):
     write(args, record, [
         f"quantize_opt: {pruning}, then {describe_quantizer(args)}; calibrated on {args.task} "
         f"({args.nsamples} x {seqlen} tokens, seed {args.seed}), device {device}",
-        f"MACs kept: {record['mac_ratio']:.4f} of dense (target {args.mu})",
-        *ppl_lines(record),
-        f"heads per layer: {record['heads_per_layer']}",
-        f"neurons per layer: {record['neurons_per_layer']}",
-        f"parameters: dense {record['params_dense'] / 1e6:.2f}M  pruned {record['params_pruned'] / 1e6:.2f}M",
-        f"prune time: {record['prune_seconds']:.1f} s, peak memory {record['peak_memory_mb']:.0f} MB",
+        *pruning_lines(record),
         *quantize_lines,
     ])
     return record

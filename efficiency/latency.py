@@ -30,3 +30,36 @@ def peak_memory_mb(device):
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
+
+
+class RssPeak:
+    """Peak resident memory of this process while the block runs, above what it was at the
+    start (sampled every few milliseconds): the memory one piece of work really takes."""
+
+    def __init__(self, interval=0.005):
+        self.interval = interval
+        self.peak_mb = 0.0
+
+    def __enter__(self):
+        import threading
+
+        import psutil
+
+        self._process = psutil.Process()
+        self._start = self._process.memory_info().rss
+        self._peak = self._start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, self._process.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._process.memory_info().rss)
+        self.peak_mb = (self._peak - self._start) / 2**20
+        return False

@@ -113,6 +113,7 @@ class Adapter:
 
     family = None
     depth_weighting = "sqrt"  # how the allocation protects early layers (see prune/allocation.py)
+    default_allocation = "greedy"  # measured best for this kind of model (README)
     capture_kwargs = {}  # extra model arguments for a calibration forward pass
     is_decoder = False
     qkv = ()
@@ -302,6 +303,7 @@ class DistilBertAdapter(Adapter):
 
 class OPTAdapter(Adapter):
     family = "opt"
+    default_allocation = "ffn_greedy"
     capture_kwargs = {"use_cache": False}
     is_decoder = True
     qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -365,6 +367,7 @@ class LlamaAdapter(Adapter):
     """Llama-family decoders: grouped-query attention (a unit is a KV group), gated FFN."""
 
     family = "llama"
+    default_allocation = "ffn_greedy"
     capture_kwargs = {"use_cache": False}
     is_decoder = True
     qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")

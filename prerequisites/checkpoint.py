@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 
+import torch
 import transformers
 
 from prerequisites import adapters
@@ -84,7 +85,21 @@ def load_model(path, dtype=None, device="cpu"):
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if problems:
         raise UserError(f"checkpoint {path} does not match its config: {problems}")
-    return model.to(device).eval()
+    return own_memory(model).to(device).eval()
+
+
+@torch.no_grad()
+def own_memory(model):
+    """Copy the weights out of the memory-mapped checkpoint file into the process's memory.
+
+    from_pretrained maps safetensors files, so the weights stay backed by the file for as long
+    as any of them (say, the embeddings) lives. Pruning replaces layers and the layer-by-layer
+    pipeline moves them to the device and back: with the mapping alive, the process would hold
+    the dense file's pages and the new weights, up to twice the model.
+    """
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        tensor.data = tensor.data.clone()
+    return model
 
 
 def load_tokenizer(path):

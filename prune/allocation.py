@@ -10,6 +10,8 @@ and returns (heads_per_layer, neurons_per_layer) whose MACs do not exceed μ × 
 - `uniform`: every layer keeps the same share μ of its heads; neurons take the rest of the
   budget, spread evenly.
 - `greedy`: a knapsack by estimated output error removed per MAC, over both kinds of unit.
+- `ffn_greedy`: every head kept, the knapsack over neurons only (the decoders' default: see
+  its docstring).
 """
 from dataclasses import dataclass
 
@@ -143,25 +145,46 @@ def uniform(scores, costs, mu, weighting=None):
 
 
 def greedy(scores, costs, mu, weighting="sqrt"):
-    """Knapsack by squared output error removed per MAC.
+    """Knapsack by squared output error removed per MAC, over heads and neurons together.
 
     Each layer's heads (and neurons) must be kept as a prefix of their order, and the error
     removed by successive units need not decrease; so each sequence is first cut into
     segments along its upper concave hull (whose gains per unit do decrease), and whole
     segments are taken best ratio first; the segment that does not fit is taken in part.
     """
+    return _knapsack(scores, costs, mu * dense_macs(scores, costs), weighting, kinds=("head", "neuron"))
+
+
+def ffn_greedy(scores, costs, mu, weighting="expfit"):
+    """Every head kept; the rest of the budget spent on neurons as `greedy` spends it.
+
+    On a Llama-family decoder (SmolLM2, README) dropping whole key/value groups hurt
+    perplexity far more than their output error predicts, while neuron errors were
+    faithful. When μ is too small to keep every head, this is `greedy`.
+    """
+    heads = [s.n_heads for s in scores]
+    budget = mu * dense_macs(scores, costs) - sum(heads) * costs.head
+    if budget < 0:
+        return greedy(scores, costs, mu, weighting)
+    _, neurons = _knapsack(scores, costs, budget, weighting, kinds=("neuron",))
+    return heads, neurons
+
+
+def _knapsack(scores, costs, budget, weighting, kinds):
     L = len(scores)
     w_head, w_neuron = depth_weights(scores, weighting)
     items = []  # (gain per MAC, layer, kind, units in the segment)
     for l, s in enumerate(scores):
         for kind, errors, weight, cost in (("head", s.head_errors, w_head[l], costs.head),
                                            ("neuron", s.neuron_errors, w_neuron[l], costs.neuron)):
+            if kind not in kinds:
+                continue
             removed = (weight * errors[0]) ** 2 - (weight * np.asarray(errors)) ** 2  # cumulative, k = 0..n
             for units, gain in _concave_segments(removed):
                 items.append((gain / (units * cost), l, kind, units))
     items.sort(key=lambda item: -item[0])
     heads, neurons = np.zeros(L, dtype=int), np.zeros(L, dtype=int)
-    left = mu * dense_macs(scores, costs)
+    left = budget
     for _, l, kind, units in items:
         cost = costs.head if kind == "head" else costs.neuron
         take = min(units, int(np.floor(left / cost + 1e-9)))
@@ -188,4 +211,4 @@ def _concave_segments(cumulative):
     return [(hull[i + 1] - hull[i], cumulative[hull[i + 1]] - cumulative[hull[i]]) for i in range(len(hull) - 1)]
 
 
-ALLOCATORS = {"faithful": faithful, "uniform": uniform, "greedy": greedy}
+ALLOCATORS = {"greedy": greedy, "ffn_greedy": ffn_greedy, "faithful": faithful, "uniform": uniform}

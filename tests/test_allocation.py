@@ -94,3 +94,20 @@ def test_depth_weights():
         s.head_errors = s.head_errors / s.head_errors[0] * size
     w_head, _ = depth_weights(scores, "expfit")
     assert np.allclose(w_head * np.array([1.0, 2.0, 4.0, 8.0]), 1.0)
+
+
+def test_ffn_greedy_keeps_every_head_while_it_can():
+    scores = random_scores()
+    costs = Costs(head=30.0, neuron=2.0)
+    heads, neurons = ALLOCATORS["ffn_greedy"](scores, costs, 0.7, "none")
+    assert heads == [6] * 4
+    dense = macs_of([6] * 4, [40] * 4, costs)
+    assert macs_of(heads, neurons, costs) <= 0.7 * dense < macs_of(heads, neurons, costs) + costs.neuron
+    # a layer whose neurons carry 100 times the error keeps all of them before the other keeps any
+    loud, quiet = scores[0], scores[1]
+    quiet.neuron_errors = loud.neuron_errors / 100
+    heads, neurons = ALLOCATORS["ffn_greedy"]([loud, quiet], costs, 0.8, "none")
+    # budget 0.8 * (12*30 + 80*2) = 416: heads 360, then 28 neurons, all in the loud layer
+    assert heads == [6, 6] and neurons == [28, 0]
+    # below the MACs of the heads alone, it is greedy
+    assert ALLOCATORS["ffn_greedy"](scores, costs, 0.2, "none") == ALLOCATORS["greedy"](scores, costs, 0.2, "none")

@@ -15,6 +15,29 @@ class UserError(Exception):
     """
 
 
+def add_stat_arguments(p):
+    """The flags that choose how STAT prunes, shared by prune_bert.py, prune_opt.py, quantize_opt.py."""
+    from prune.allocation import ALLOCATORS
+    from prune.pipeline import CALIBRATIONS, METHODS
+
+    p.add_argument("--method", choices=METHODS, default="stat",
+                   help="stat: interpolative decompositions with corrections; magnitude: same allocation, "
+                        "units ranked by weight norms, no correction")
+    p.add_argument("--allocation", choices=list(ALLOCATORS),
+                   help="how the MAC budget is shared across layers: greedy (error removed per MAC; the "
+                        "default for encoders), ffn_greedy (all heads kept; the default for decoders), "
+                        "faithful (the rule of the authors' code), uniform")
+    p.add_argument("--calibration", choices=CALIBRATIONS, default="sequential",
+                   help="sequential: each layer's IDs measured on the pruned layers below; dense_ffn: FFN IDs "
+                        "from the dense model; one_shot: all IDs from the dense model (fastest)")
+    p.add_argument("--score_fraction", type=fraction_value, default=0.25,
+                   help="share of the calibration set that pass 1 scores the dense model on (for the "
+                        "allocation; pass 2 always uses all of it)")
+    p.add_argument("--sketch", type=positive_int, metavar="ROWS",
+                   help="CountSketch each batch's activations to this many rows before its Gram product "
+                        "(approximate; for very long calibration sets)")
+
+
 def run_main(main):
     """Call main(); turn a UserError into `error: <message>` and exit status 2."""
     try:

@@ -95,6 +95,8 @@ def load(args):
         raise UserError(str(err))
     if not adapter.is_decoder:
         raise UserError(f"{args.model_name} is not a decoder language model ({type(model).__name__})")
+    if getattr(args, "allocation", "") is None:
+        args.allocation = adapter.default_allocation
     return device, model, adapter, tokenizer, windows, seqlen
 
 

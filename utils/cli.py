@@ -58,26 +58,25 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def mu_value(text):
-    """argparse type for the MAC budget: a float in (0, 1]."""
-    try:
-        mu = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"mu must be a number in (0, 1], got {text!r}")
-    if not 0.0 < mu <= 1.0:
-        raise argparse.ArgumentTypeError(f"mu must be in (0, 1], got {mu}")
-    return mu
-
-
-def fraction_value(text):
-    """argparse type for a share in (0, 1]."""
+def _share(text, name):
+    """A float in (0, 1], or an argparse error that names the option."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+        raise argparse.ArgumentTypeError(f"{name} must be a number in (0, 1], got {text!r}")
     if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+        raise argparse.ArgumentTypeError(f"{name} must be in (0, 1], got {value}")
     return value
+
+
+def mu_value(text):
+    """argparse type for the MAC budget μ."""
+    return _share(text, "mu")
+
+
+def fraction_value(text):
+    """argparse type for a share of something (the calibration set)."""
+    return _share(text, "the fraction")
 
 
 def positive_int(text):

@@ -26,13 +26,13 @@ def window_nlls(model, adapter, windows, device, batch_size=1, progress=True, de
     moved = move_to(adapter.post_layer_modules(model), device)
     nlls = []
     for x, batch in zip(calib.hidden, batches):
-        logits = adapter.logits(model, x).float()
-        targets = batch["input_ids"].to(logits.device)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1),
-                               reduction="none")
-        nlls.append(loss.view(targets.shape[0], -1).mean(dim=1).cpu())
+        # One window at a time through the head: a window's logits (seqlen x vocab floats) are
+        # the largest tensor of the whole evaluation, so a batch of them would set the peak.
+        for hidden, tokens in zip(x, batch["input_ids"]):
+            logits = adapter.logits(model, hidden[None, :-1])[0].float()
+            nlls.append(F.cross_entropy(logits, tokens[1:].to(logits.device)).cpu())
     restore(moved)
-    return torch.cat(nlls)
+    return torch.stack(nlls)
 
 
 def perplexity(model, adapter, windows, device, batch_size=1, progress=True, desc="perplexity"):

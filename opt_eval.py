@@ -11,7 +11,7 @@ from efficiency.latency import peak_memory_mb
 from efficiency.macs import count_parameters
 from quantize_opt import add_quantize_arguments, check_quantize_arguments, describe_quantizer, quantize_and_report
 from utils.cli import run_main, set_seed
-from utils.decoder_cli import calibration_batches, decoder_parser, load, now, perplexities, ppl_lines, write
+from utils.decoder_cli import decoder_parser, load, now, perplexities, ppl_lines, write
 
 
 def parse_args(argv=None):
@@ -25,7 +25,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     set_seed(args.seed)
-    device, model, adapter, tokenizer, windows, seqlen = load(args)
+    # RTN needs no calibration data.
+    device, model, adapter, tokenizer, windows, calibration, seqlen = load(
+        args, calibrate=args.wbits is not None and not args.nearest)
     record = {
         "model_name": args.model_name, "task": args.task, "method": "dense", "mu": 1.0, "seed": args.seed,
         "seqlen": seqlen, "eval_samples": args.eval_samples,
@@ -35,10 +37,9 @@ def main(argv=None):
     lines = [f"opt_eval: dense, windows of {seqlen} tokens, device {device}"]
     quantize_lines = []
     if args.wbits is not None:
-        # RTN needs no calibration data.
-        calibration = [] if args.nearest else calibration_batches(args, tokenizer, seqlen)
         record["nsamples"] = 0 if args.nearest else args.nsamples
-        quantize_lines = quantize_and_report(args, device, model, adapter, tokenizer, windows, calibration, record)
+        quantize_lines = quantize_and_report(args, device, model, adapter, tokenizer, windows, calibration or [],
+                                             record)
         data = ("no calibration data" if args.nearest else
                 f"calibrated on {args.task} ({args.nsamples} x {seqlen} tokens, seed {args.seed})")
         lines = [f"opt_eval: dense, then {describe_quantizer(args)}; {data}, device {device}"]

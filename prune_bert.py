@@ -17,8 +17,8 @@ from evaluate.tasks import check_checkpoint, make_task, task_names
 from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import load_config, load_model, load_tokenizer, save_pruned
 from prune.pipeline import stat_prune
-from utils.cli import (ArgumentParser, UserError, add_stat_arguments, mu_value, positive_int, require_dir,
-                       resolve_device, run_main, set_seed)
+from utils.cli import (ArgumentParser, UserError, add_stat_arguments, mu_value, output_dir, positive_int,
+                       require_dir, resolve_device, run_main, seed_value, set_seed)
 from utils.results import append_result
 
 
@@ -27,13 +27,13 @@ def parse_args(argv=None):
     p.add_argument("--model_name", required=True, help="name of the model (folder under models/, and in output/)")
     p.add_argument("--task_name", required=True, help=f"one of: {', '.join(task_names())}")
     p.add_argument("--mu", type=mu_value, required=True, help="fraction of attention+FFN MACs to keep, in (0, 1]")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the calibration sample")
     p.add_argument("--sample_batch_size", type=positive_int, default=512, help="number of calibration examples")
     p.add_argument("--model_dir", help="checkpoint folder (default: models/<model_name>/<task_name>)")
     p.add_argument("--data_dir", help="folder with the task's original files (GLUE TSV, SQuAD JSON)")
-    p.add_argument("--output_dir", default="output", help="where results are written")
+    p.add_argument("--output_dir", type=output_dir, default="output", help="where results are written")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--save_model", metavar="DIR", help="write the pruned model here")
+    p.add_argument("--save_model", type=output_dir, metavar="DIR", help="write the pruned model here")
     p.add_argument("--batch_size", type=positive_int, default=64, help="batch size of calibration and evaluation")
     add_stat_arguments(p)
     return p.parse_args(argv)
@@ -75,6 +75,8 @@ def main(argv=None):
         raise UserError(str(err))
     tokenizer = load_tokenizer(model_dir)
     task = make_task(args.task_name, tokenizer, args.data_dir, args.batch_size)
+    # drawn now: a sample larger than the training set fails before the model loads
+    calibration_sample = task.calibration_sample(args.sample_batch_size, args.seed)
     model = load_model(model_dir, device=device)
     adapter = adapter_for(model)
 
@@ -86,7 +88,7 @@ def main(argv=None):
     costs = adapter_costs(adapter, task.mac_seq_len)
     dense_macs = model_macs(*shape_of(model, adapter), costs)
 
-    calibration = task.calibration_batches(model, args.sample_batch_size, args.seed)
+    calibration = task.batch_calibration(model, calibration_sample)
     prune_seconds = stat_prune(model, adapter, calibration, costs, args.mu, device, method=args.method,
                                allocation=args.allocation, calibration=args.calibration,
                                sketch_rows=args.sketch, score_fraction=args.score_fraction).seconds

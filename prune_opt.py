@@ -14,8 +14,8 @@ from efficiency.latency import peak_memory_mb
 from efficiency.macs import adapter_costs, count_parameters, model_macs, shape_of
 from prerequisites.checkpoint import save_pruned
 from prune.pipeline import stat_prune
-from utils.cli import add_stat_arguments, mu_value, run_main, set_seed
-from utils.decoder_cli import calibration_batches, decoder_parser, load, now, perplexities, ppl_lines, write
+from utils.cli import add_stat_arguments, mu_value, output_dir, run_main, set_seed
+from utils.decoder_cli import decoder_parser, load, now, perplexities, ppl_lines, write
 
 
 def add_prune_arguments(p):
@@ -27,18 +27,17 @@ def add_prune_arguments(p):
 def parse_args(argv=None):
     p = decoder_parser(__doc__)
     add_prune_arguments(p)
-    p.add_argument("--save_model", metavar="DIR", help="write the pruned model here")
+    p.add_argument("--save_model", type=output_dir, metavar="DIR", help="write the pruned model here")
     return p.parse_args(argv)
 
 
-def prune_and_report(args, device, model, adapter, tokenizer, windows, seqlen):
+def prune_and_report(args, device, model, adapter, windows, calibration, seqlen):
     """Shared by quantize_opt.py: dense and pruned perplexities, and the record so far."""
     set_seed(args.seed)
     params_dense = count_parameters(model)
     ppl_dense = perplexities(model, adapter, windows, device, args.batch_size, "dense")
     costs = adapter_costs(adapter, seqlen)
     dense_macs = model_macs(*shape_of(model, adapter), costs)
-    calibration = calibration_batches(args, tokenizer, seqlen)
     start = time.perf_counter()
     if args.mu < 1.0:
         stat_prune(model, adapter, calibration, costs, args.mu, device, method=args.method,
@@ -54,7 +53,7 @@ def prune_and_report(args, device, model, adapter, tokenizer, windows, seqlen):
         "seed": args.seed, "nsamples": args.nsamples, "seqlen": seqlen, "eval_samples": args.eval_samples,
         "ppl_dense": ppl_dense, "ppl_pruned": ppl_pruned, "heads_per_layer": heads, "neurons_per_layer": neurons,
         "params_dense": params_dense, "params_pruned": count_parameters(model), "prune_seconds": prune_seconds,
-    }, calibration
+    }
 
 
 def pruning_lines(record):
@@ -71,8 +70,8 @@ def pruning_lines(record):
 
 def main(argv=None):
     args = parse_args(argv)
-    device, model, adapter, tokenizer, windows, seqlen = load(args)
-    record, _ = prune_and_report(args, device, model, adapter, tokenizer, windows, seqlen)
+    device, model, adapter, tokenizer, windows, calibration, seqlen = load(args)
+    record = prune_and_report(args, device, model, adapter, windows, calibration, seqlen)
     record.update(peak_memory_mb=peak_memory_mb(device), device=str(device), time=now())
     if args.save_model:
         save_pruned(model, args.save_model, tokenizer)

@@ -19,7 +19,7 @@ from efficiency.latency import peak_memory_mb
 from prune_opt import add_prune_arguments, prune_and_report, pruning_lines
 from quantize.sequential import quantize_model
 from quantize.storage import save_quantized, weights_size_mb
-from utils.cli import run_main
+from utils.cli import output_dir, run_main
 from utils.decoder_cli import decoder_parser, load, model_source, now, perplexities, write
 
 WBITS = (2, 3, 4, 8)
@@ -57,7 +57,8 @@ def add_quantize_arguments(p, wbits_required):
     p.add_argument("--nearest", action="store_true", help="round to nearest (RTN baseline) instead of GPTQ")
     p.add_argument("--percdamp", type=percdamp_value, default=0.01,
                    help="Hessian dampening, as a fraction of its mean diagonal")
-    p.add_argument("--save_model", metavar="DIR", help="write the quantized model (packed low-bit weights) here")
+    p.add_argument("--save_model", type=output_dir, metavar="DIR",
+                   help="write the quantized model (packed low-bit weights) here")
 
 
 def check_quantize_arguments(p, args):
@@ -122,8 +123,8 @@ def quantize_and_report(args, device, model, adapter, tokenizer, windows, calibr
 
 def main(argv=None):
     args = parse_args(argv)
-    device, model, adapter, tokenizer, windows, seqlen = load(args)
-    record, calibration = prune_and_report(args, device, model, adapter, tokenizer, windows, seqlen)
+    device, model, adapter, tokenizer, windows, calibration, seqlen = load(args)
+    record = prune_and_report(args, device, model, adapter, windows, calibration, seqlen)
     quantize_lines = quantize_and_report(args, device, model, adapter, tokenizer, windows, calibration, record)
     record.update(peak_memory_mb=peak_memory_mb(device), device=str(device), time=now())
     pruning = (f"STAT mu {args.mu} (method {args.method}, allocation {args.allocation}, "

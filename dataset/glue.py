@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from utils.cli import UserError
+from utils.cli import UserError, not_utf8
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOVIE_SENTIMENT_DIR = os.path.join(ROOT, "data", "movie-sentiment")
@@ -142,38 +142,45 @@ def _parse_label(text, spec, fmt, where):
 
 
 def _read_tsv(path, spec):
+    # utf-8-sig drops a byte-order mark (MRPC's source files start with one).
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return _parse_tsv(f, path, spec)
+    except UnicodeDecodeError as err:
+        raise not_utf8(path, err)
+
+
+def _parse_tsv(f, path, spec):
     fmt = _TSV_FORMATS[spec.name]
     examples = []
     # GLUE TSVs are unquoted and contain unbalanced quotes: read them with QUOTE_NONE.
-    # utf-8-sig drops a byte-order mark (MRPC's source files start with one).
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        if fmt.has_header:
-            header = next(reader, None)
-            if header is None:
-                raise UserError(f"{path}: empty file, expected a header line")
-            missing = [c for c in (fmt.text_a, fmt.text_b, fmt.label)
-                       if c is not None and c not in header]
-            if missing:
-                raise UserError(f"{path}: header lacks column(s) {', '.join(missing)} "
-                                f"(found: {', '.join(header)})")
-            column = {name: i for i, name in enumerate(header)}
-            n_columns = len(header)
-            i_a, i_label = column[fmt.text_a], column[fmt.label]
-            i_b = column[fmt.text_b] if fmt.text_b is not None else None
-        else:
-            n_columns = fmt.n_columns
-            i_a, i_b, i_label = fmt.text_a, fmt.text_b, fmt.label
-        for row in reader:
-            if not row:  # a blank line, e.g. an extra newline at the end
-                continue
-            where = f"{path}, line {reader.line_num}"
-            if len(row) != n_columns:
-                raise UserError(f"{where}: expected {n_columns} tab-separated columns, "
-                                f"found {len(row)}")
-            label = _parse_label(row[i_label].strip(), spec, fmt, where)
-            text_b = row[i_b] if i_b is not None else None
-            examples.append(Example(row[i_a], text_b, label))
+    reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+    if fmt.has_header:
+        header = next(reader, None)
+        if header is None:
+            raise UserError(f"{path}: empty file, expected a header line")
+        missing = [c for c in (fmt.text_a, fmt.text_b, fmt.label)
+                   if c is not None and c not in header]
+        if missing:
+            raise UserError(f"{path}: header lacks column(s) {', '.join(missing)} "
+                            f"(found: {', '.join(header)})")
+        column = {name: i for i, name in enumerate(header)}
+        n_columns = len(header)
+        i_a, i_label = column[fmt.text_a], column[fmt.label]
+        i_b = column[fmt.text_b] if fmt.text_b is not None else None
+    else:
+        n_columns = fmt.n_columns
+        i_a, i_b, i_label = fmt.text_a, fmt.text_b, fmt.label
+    for row in reader:
+        if not row:  # a blank line, e.g. an extra newline at the end
+            continue
+        where = f"{path}, line {reader.line_num}"
+        if len(row) != n_columns:
+            raise UserError(f"{where}: expected {n_columns} tab-separated columns, "
+                            f"found {len(row)}")
+        label = _parse_label(row[i_label].strip(), spec, fmt, where)
+        text_b = row[i_b] if i_b is not None else None
+        examples.append(Example(row[i_a], text_b, label))
     return examples
 
 
@@ -211,8 +218,13 @@ def load_examples(task, split, data_dir=None):
     if data_dir is None and spec.name == "movie-sentiment":
         data_dir = MOVIE_SENTIMENT_DIR
     if data_dir is None:
-        return _load_hub(spec, split)
-    return _read_tsv(_tsv_path(spec, split, data_dir), spec)
+        source, examples = "nyu-mll/glue", _load_hub(spec, split)
+    else:
+        source = _tsv_path(spec, split, data_dir)
+        examples = _read_tsv(source, spec)
+    if not examples:  # an empty dev set would only fail after the model is loaded
+        raise UserError(f"{source}: no {spec.name} {split} examples")
+    return examples
 
 
 # ---------------------------------------------------------------------------------------

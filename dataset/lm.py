@@ -43,7 +43,7 @@ from functools import lru_cache
 
 import torch
 
-from utils.cli import UserError
+from utils.cli import UserError, not_utf8
 
 LM_TASKS = ("wikitext2", "ptb-new", "c4-new", "text", "austen")
 STANDARD_TASKS = ("wikitext2", "ptb-new", "c4-new")
@@ -141,7 +141,7 @@ def _read_lines(path):
         with open(path, encoding="utf-8") as f:
             return list(f)
     except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})")
+        raise not_utf8(path, err)
 
 
 def _read_text(path):
@@ -170,7 +170,7 @@ def _read_json_texts(path, limit=None):
     except (OSError, EOFError) as err:  # a truncated or non-gzip .gz file
         raise UserError(f"cannot read {path}: {err}")
     except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not UTF-8 text ({err.reason})")
+        raise not_utf8(path, err)
     return texts
 
 

@@ -15,7 +15,7 @@ import random
 
 import torch
 
-from utils.cli import UserError
+from utils.cli import UserError, not_utf8
 
 VERSIONS = ("1.1", "2.0")
 SPLITS = ("train", "validation")
@@ -54,7 +54,9 @@ def _load_json(path, version):
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:
+        raise not_utf8(path, err)
+    except json.JSONDecodeError as err:
         raise UserError(f"{path} is not valid JSON ({err})")
     except OSError as err:
         raise UserError(f"cannot read {path}: {err.strerror}")
@@ -63,6 +65,7 @@ def _load_json(path, version):
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise UserError(f"{path} does not have the SQuAD JSON structure "
                         f"(data -> paragraphs -> qas): {type(err).__name__}: {err}")
+    _check_examples(examples, path)
     if not examples:
         raise UserError(f"{path} holds no questions")
     if version == "1.1":
@@ -71,6 +74,27 @@ def _load_json(path, version):
                 raise UserError(f"{path}: question {ex['id']} has no answer; "
                                 f"is this a SQuAD 2.0 file?")
     return examples
+
+
+def _check_examples(examples, path):
+    """Types and unique ids, checked here: a wrong type would otherwise fail in the middle of
+    featurization or, for an answer, only in the metric after the whole run."""
+    seen = set()
+    for ex in examples:
+        if not isinstance(ex["id"], str):
+            raise UserError(f"{path}: question id {ex['id']!r} is not a string")
+        where = f"{path}: question {ex['id']}"
+        if ex["id"] in seen:
+            raise UserError(f"{where}: the id is used twice")
+        seen.add(ex["id"])
+        if not isinstance(ex["question"], str):
+            raise UserError(f"{where}: the question is not a string")
+        answers = ex["answers"]
+        if not all(isinstance(text, str) for text in answers["text"]):
+            raise UserError(f"{where}: an answer text is not a string")
+        # bool is an int to Python, not to SQuAD
+        if not all(type(start) is int and start >= 0 for start in answers["answer_start"]):
+            raise UserError(f"{where}: an answer_start is not a non-negative integer")
 
 
 def _examples_from_json(data, version):
@@ -85,12 +109,12 @@ def _examples_from_json(data, version):
                 # gold for those is no answer at all.
                 answers = [] if qa.get("is_impossible", False) else qa["answers"]
                 examples.append({
-                    "id": str(qa["id"]),
+                    "id": qa["id"],
                     "question": qa["question"],
                     "context": context,
                     "answers": {
                         "text": [a["text"] for a in answers],
-                        "answer_start": [int(a["answer_start"]) for a in answers],
+                        "answer_start": [a["answer_start"] for a in answers],
                     },
                 })
     return examples

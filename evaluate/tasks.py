@@ -21,11 +21,10 @@ def task_names():
 
 
 def make_task(name, tokenizer, data_dir=None, batch_size=64):
+    """name is one of task_names(): callers check it before they load anything."""
     if name in SQUAD_VERSIONS:
         return SquadTask(name, tokenizer, data_dir, batch_size)
-    if name in glue.TASKS:
-        return GlueTask(name, tokenizer, data_dir, batch_size)
-    raise UserError(f"unknown task {name!r} (known tasks: {', '.join(task_names())})")
+    return GlueTask(name, tokenizer, data_dir, batch_size)
 
 
 def check_checkpoint(name, config):
@@ -64,8 +63,15 @@ class GlueTask:
                 for b in glue.batches(encoded, self.batch_size, self.tokenizer.pad_token_id)]
 
     def calibration_batches(self, model, n, seed):
+        return self.batch_calibration(model, self.calibration_sample(n, seed))
+
+    def calibration_sample(self, n, seed):
+        """n encoded training examples; needs no model, so a bad n fails before any model work."""
         sample = glue.encode(glue.sample_calibration(self.train, n, seed), self.tokenizer, self.spec)
         sample.sort(key=lambda item: len(item["input_ids"]))  # less padding, same examples
+        return sample
+
+    def batch_calibration(self, model, sample):
         return [accepted_inputs(model, b) for b in glue.batches(sample, self.batch_size, self.tokenizer.pad_token_id)]
 
     def evaluate(self, model, device):
@@ -91,8 +97,15 @@ class SquadTask:
         self.features = squad.prepare_eval_features(self.examples, tokenizer)
 
     def calibration_batches(self, model, n, seed):
+        return self.batch_calibration(model, self.calibration_sample(n, seed))
+
+    def calibration_sample(self, n, seed):
+        """n training features; needs no model, so a bad n fails before any model work."""
         sample = squad.sample_calibration_features(self._some_train_features(n, seed), n, seed)
         sample.sort(key=lambda f: len(f["input_ids"]))
+        return sample
+
+    def batch_calibration(self, model, sample):
         return [accepted_inputs(model, squad.collate(chunk, self.tokenizer.pad_token_id))
                 for chunk in squad.batches(sample, self.batch_size)]
 

@@ -15,6 +15,7 @@ import shutil
 
 import torch
 import transformers
+from safetensors import SafetensorError
 
 from prerequisites import adapters
 from utils.cli import UserError
@@ -76,12 +77,15 @@ def load_model(path, dtype=None, device="cpu"):
     if not os.path.isdir(path) and not re.fullmatch(r"[\w-]+/[\w.-]+", path):
         raise UserError(f"checkpoint not found: {path}")
     config = load_config(path)
-    if getattr(config, "stat_quantization", None) is not None:
-        from quantize.storage import load_quantized  # imported here: quantize.storage imports this module
+    try:
+        if getattr(config, "stat_quantization", None) is not None:
+            from quantize.storage import load_quantized  # imported here: quantize.storage imports this module
 
-        return load_quantized(path, dtype, device, config)
-    model_class = _model_class(config)
-    model, info = model_class.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
+            return load_quantized(path, dtype, device, config)
+        model_class = _model_class(config)
+        model, info = model_class.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
+    except (OSError, SafetensorError) as err:  # no weights file, or a truncated one
+        raise UserError(f"cannot load checkpoint {path}: {' '.join(str(err).split())}")
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if problems:
         raise UserError(f"checkpoint {path} does not match its config: {problems}")

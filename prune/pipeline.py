@@ -168,8 +168,8 @@ def measure_dense(model, adapter, calib, device, keep_blocks=False, sketch_rows=
             calib.hidden[b] = adapter.after_ffn(layer, hidden, h)
         layer_scores, layer_blocks = dense_blocks(adapter, layer, G_heads.G, G_ffn.G)
         scores.append(layer_scores)
-        if keep_blocks:
-            blocks.append(layer_blocks)
+        if keep_blocks:  # off the device: only the layer being worked on may be there
+            blocks.append(tuple(block and block.to("cpu") for block in layer_blocks))
         restore(moved)
     return scores, blocks
 
@@ -279,7 +279,8 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     score_fraction: the share of the calibration batches (evenly spread) that pass 1 scores
     the dense model on. The allocation is a coarse decision: a quarter of the data measured
     as well as all of it (README), at a quarter of the cost; the IDs of pass 2 always use
-    every batch. (one_shot prunes with the IDs of pass 1, so it always uses every batch.)
+    every batch. (one_shot and dense_ffn prune with IDs from pass 1, so there pass 1 uses
+    every batch.)
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")

@@ -32,6 +32,15 @@ class UnitBlock:
         self.dim_scale = dim_scale
         self.n = order.numel()
 
+    def to(self, device):
+        """Move the tensors the block holds (a factor is n × n floats) to `device`."""
+        self.W = self.W.to(device)
+        if self.factor is not None:
+            self.factor.R = self.factor.R.to(device)
+        if self.dim_scale is not None:
+            self.dim_scale = self.dim_scale.to(device)
+        return self
+
     def prune(self, k):
         """Keep k units: returns (kept units, sorted; the new W of shape out × k·unit_dims)."""
         kept_units = self.order[:k]

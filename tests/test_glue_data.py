@@ -211,6 +211,27 @@ def test_malformed_rows(tmp_path):
         load_examples("cola", "validation", tmp_path)
 
 
+def test_non_utf8_file_is_named(tmp_path):
+    path = tmp_path / "SST-2/dev.tsv"
+    path.parent.mkdir(parents=True)
+    path.write_bytes("sentence\tlabel\nun film très réussi\t1\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"SST-2.dev\.tsv is not UTF-8 text"):
+        load_examples("sst2", "validation", tmp_path)
+
+
+@pytest.mark.parametrize("task,name,text", [
+    ("sst2", "SST-2/dev.tsv", "sentence\tlabel\n"),  # a header only
+    ("sst2", "SST-2/train.tsv", "sentence\tlabel\n\n"),  # a header and a blank line
+    ("cola", "CoLA/dev.tsv", ""),  # no header in CoLA's format: an empty file
+])
+def test_split_without_examples(tmp_path, task, name, text):
+    _write(tmp_path / name, text)
+    split = "train" if name.endswith("train.tsv") else "validation"
+    with pytest.raises(UserError, match=f"no {task} {split} examples") as info:
+        load_examples(task, split, tmp_path)
+    assert str(info.value).startswith(str(tmp_path / name))
+
+
 def test_missing_files_and_bad_names(glue_dir, tmp_path):
     with pytest.raises(UserError, match="not found.*dev_matched.tsv"):
         load_examples("mnli", "validation_matched", tmp_path)

@@ -1,6 +1,7 @@
 """prune_bert.py end to end on tiny random checkpoints, and its errors on bad input."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -86,6 +87,10 @@ def test_end_to_end_on_a_tiny_model(checkpoints, tmp_path, model_name, task):
     assert reloaded.config.stat_ffn == record["neurons_per_layer"]
 
 
+def model_loaded(*args, **kwargs):
+    raise AssertionError("the model was loaded before the bad input was found")
+
+
 def run_cli(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_main(lambda: prune_bert.main(argv))
@@ -99,9 +104,13 @@ def run_cli(argv, capsys):
     (["--mu", "-0.2"], "mu must be in (0, 1]"),
     (["--mu", "half"], "mu must be a number"),
     (["--task_name", "sst3"], "unknown task 'sst3'"),
+    (["--seed", "-1"], "seed must be in 0..4294967295"),
+    (["--seed", str(2**32)], "seed must be in 0..4294967295"),
+    (["--sample_batch_size", "49"], "only 48"),  # the training set has 48 examples
     (["--model_dir", "/nonexistent/checkpoint"], "checkpoint not found"),
 ])
-def test_bad_input_gives_one_line_and_exit_status_2(checkpoints, tmp_path, capsys, bad, expected):
+def test_bad_input_gives_one_line_and_exit_status_2(checkpoints, tmp_path, capsys, monkeypatch, bad, expected):
+    monkeypatch.setattr(prune_bert, "load_model", model_loaded)  # every check comes before the model loads
     data = str(tmp_path / "SST-2")
     write_sst2(data)
     argv = {"--model_name": "tiny-bert", "--task_name": "sst2", "--mu": "0.5",
@@ -121,6 +130,42 @@ def test_malformed_data_file(checkpoints, tmp_path, capsys):
     code, err = run_cli(["--model_name", "tiny-bert", "--task_name", "sst2", "--mu", "0.5", "--model_dir",
                          checkpoints["tiny-bert"], "--data_dir", data], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "dev.tsv" in err
+
+
+@pytest.mark.parametrize("flag", ["--save_model", "--output_dir"])
+def test_output_paths_under_a_file_fail_before_any_work(checkpoints, tmp_path, capsys, monkeypatch, flag):
+    monkeypatch.setattr(prune_bert, "load_model", model_loaded)
+    data = str(tmp_path / "SST-2")
+    write_sst2(data)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    argv = {"--model_name": "tiny-bert", "--task_name": "sst2", "--mu": "0.5", "--model_dir": checkpoints["tiny-bert"],
+            "--data_dir": data, "--output_dir": str(tmp_path / "out")}
+    for path in (a_file, a_file / "inside"):
+        argv[flag] = str(path)
+        code, err = run_cli([x for kv in argv.items() for x in kv], capsys)
+        assert code == 2 and len(err.splitlines()) == 1
+        assert err.startswith(f"error: argument {flag}: cannot write to {path}: {a_file} is not a folder"), err
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("damage", ["no weights", "truncated weights"])
+def test_damaged_checkpoint(checkpoints, tmp_path, capsys, damage):
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoints["tiny-bert"], broken)
+    weights = broken / "model.safetensors"
+    if damage == "no weights":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:1000])
+    data = str(tmp_path / "SST-2")
+    write_sst2(data)
+    code, err = run_cli(["--model_name", "tiny-bert", "--task_name", "sst2", "--mu", "0.5", "--model_dir", str(broken),
+                         "--data_dir", data, "--sample_batch_size", "16", "--output_dir", str(tmp_path / "out")],
+                        capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"error: cannot load checkpoint {broken}: "), err
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_real_process_exit_status(tmp_path):

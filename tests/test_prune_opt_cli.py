@@ -8,7 +8,9 @@ from transformers import AutoTokenizer
 
 import opt_eval
 import prune_opt
+import quantize_opt
 import tiny
+import utils.decoder_cli
 from evaluate.perplexity import perplexity
 from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import load_model
@@ -98,6 +100,57 @@ def test_bad_input(setup, tmp_path, capsys, bad, expected):
     args.update(dict(zip(bad[::2], bad[1::2])))
     with pytest.raises(SystemExit) as info:
         run_main(lambda: prune_opt.main([x for kv in args.items() for x in kv]))
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1 and expected in err, err
+    assert not os.path.exists(tmp_path / "out")
+
+
+SCRIPTS = {prune_opt: ["--mu", "0.5"], quantize_opt: ["--mu", "0.5", "--wbits", "4"], opt_eval: []}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda script: script.__name__)
+def test_seed_must_fit_numpy(script, capsys):
+    assert script.parse_args(["--model_name", "m", *SCRIPTS[script], "--seed", str(2**32 - 1)]).seed == 2**32 - 1
+    for seed in ("-1", str(2**32), "1.5"):
+        with pytest.raises(SystemExit) as info:
+            script.parse_args(["--model_name", "m", *SCRIPTS[script], "--seed", seed])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.count("\n") == 1 and "argument --seed: seed must" in err, err
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda script: script.__name__)
+@pytest.mark.parametrize("flag", ["--output_dir", "--save_model"])
+def test_output_paths_under_a_file_are_refused_when_parsing(script, flag, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    extra = ["--wbits", "4"] if script is opt_eval and flag == "--save_model" else []
+    for path in (a_file, a_file / "inside"):
+        with pytest.raises(SystemExit) as info:
+            script.parse_args(["--model_name", "m", *SCRIPTS[script], *extra, flag, str(path)])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.count("\n") == 1
+        assert f"argument {flag}: cannot write to {path}: {a_file} is not a folder" in err, err
+
+
+def model_loaded(*args, **kwargs):
+    raise AssertionError("the model was loaded before the bad input was found")
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda script: script.__name__)
+@pytest.mark.parametrize("train,expected", [(None, "no train.txt"), ("Too short.", "fewer than the 65")])
+def test_calibration_text_is_checked_before_the_model_loads(setup, tmp_path, capsys, monkeypatch, script, train,
+                                                            expected):
+    monkeypatch.setattr(utils.decoder_cli, "load_model", model_loaded)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "test.txt").write_text(open(os.path.join(setup["data"], "test.txt")).read())
+    if train is not None:
+        (data / "train.txt").write_text(train)
+    quantize = ["--wbits", "4"] if script is opt_eval else []  # opt_eval calibrates only to quantize
+    argv = ["--model_name", "tiny-opt", "--model_dir", setup["tiny-opt"], "--task", "text", "--data_dir", str(data),
+            "--seqlen", "64", "--output_dir", str(tmp_path / "out"), *SCRIPTS[script], *quantize]
+    with pytest.raises(SystemExit) as info:
+        run_main(lambda: script.main(argv))
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and len(err.splitlines()) == 1 and expected in err, err
     assert not os.path.exists(tmp_path / "out")

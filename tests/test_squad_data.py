@@ -96,6 +96,38 @@ def test_malformed_file(tmp_path, content):
         load_squad("1.1", "validation", str(tmp_path))
 
 
+def _set_question(paragraphs, **fields):
+    paragraphs[1]["qas"][0].update(fields)
+    return paragraphs
+
+
+def _set_answer(paragraphs, **fields):
+    paragraphs[1]["qas"][0]["answers"][1].update(fields)
+    return paragraphs
+
+
+@pytest.mark.parametrize("paragraphs,message", [
+    (_set_question(v11_paragraphs(), question=5), "question q-short: the question is not a string"),
+    (_set_answer(v11_paragraphs(), text=5), "question q-short: an answer text is not a string"),
+    (_set_answer(v11_paragraphs(), answer_start="7"), "question q-short: an answer_start is not"),
+    (_set_answer(v11_paragraphs(), answer_start=7.5), "question q-short: an answer_start is not"),
+    (_set_answer(v11_paragraphs(), answer_start=-1), "question q-short: an answer_start is not"),
+    (_set_question(v11_paragraphs(), id="q-long"), "question q-long: the id is used twice"),
+    (_set_question(v11_paragraphs(), id=7), "question id 7 is not a string"),
+])
+def test_wrong_types_and_duplicate_ids_name_file_and_question(tmp_path, paragraphs, message):
+    write_json(tmp_path / "dev-v1.1.json", "1.1", paragraphs)
+    with pytest.raises(UserError, match="dev-v1.1.json: " + message):
+        load_squad("1.1", "validation", str(tmp_path))
+
+
+def test_non_utf8_file_is_named(tmp_path):
+    (tmp_path / "dev-v1.1.json").write_bytes(json.dumps({"data": [], "title": "é"}, ensure_ascii=False)
+                                             .encode("latin-1"))
+    with pytest.raises(UserError, match="dev-v1.1.json is not UTF-8 text"):
+        load_squad("1.1", "validation", str(tmp_path))
+
+
 def test_v2_file_read_as_v1_is_refused(tmp_path):
     write_json(tmp_path / "dev-v1.1.json", "v2.0", v20_paragraphs())
     with pytest.raises(UserError, match="no answer"):

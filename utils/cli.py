@@ -89,6 +89,31 @@ def positive_int(text):
     return value
 
 
+def seed_value(text):
+    """argparse type for --seed: numpy's global seed must fit in 32 bits, unsigned."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed must be an integer, got {text!r}")
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"seed must be in 0..{2**32 - 1}, got {value}")
+    return value
+
+
+def output_dir(text):
+    """argparse type for a folder the run writes into (--output_dir, --save_model).
+
+    Checked at parse time: writing happens at the very end of a run, and a path under an
+    existing file would fail only then, after all the work.
+    """
+    existing = os.path.abspath(text)
+    while not os.path.lexists(existing):  # the folders not there yet are made when writing
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise argparse.ArgumentTypeError(f"cannot write to {text}: {existing} is not a folder")
+    return text
+
+
 def resolve_device(name):
     """'auto' means CUDA when present, else CPU."""
     if name == "auto":
@@ -112,3 +137,8 @@ def require_dir(path, what):
     if not os.path.isdir(path):
         raise UserError(f"{what} not found: {path}")
     return path
+
+
+def not_utf8(path, err):
+    """The UserError for a data file that fails to decode (err: its UnicodeDecodeError)."""
+    return UserError(f"{path} is not UTF-8 text ({err.reason})")

@@ -11,7 +11,7 @@ from dataset import lm
 from evaluate.perplexity import perplexity
 from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import load_model, load_tokenizer
-from utils.cli import ArgumentParser, UserError, positive_int, resolve_device
+from utils.cli import ArgumentParser, UserError, output_dir, positive_int, resolve_device, seed_value
 from utils.results import append_result
 
 # The paper's model names, and the hub ids they stand for when no local folder has them.
@@ -22,11 +22,11 @@ HUB_IDS = {
 }
 
 
-def decoder_parser(description, mu=False):
+def decoder_parser(description):
     p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name", required=True,
                    help="models/<model_name>, a paper name (opt-125M, opt-1.3B, ...) or a cached hub id")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the calibration windows")
     p.add_argument("--model_dir", help="checkpoint folder (default: models/<model_name>)")
     p.add_argument("--data_dir", help="folder with local corpus files (wiki.*.raw, ptb.*.txt, C4 shards, "
                                       "train.txt/test.txt)")
@@ -39,7 +39,8 @@ def decoder_parser(description, mu=False):
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="weights' dtype (auto: float16 on CUDA, float32 on the CPU)")
     p.add_argument("--batch_size", type=positive_int, default=4, help="windows per forward pass")
-    p.add_argument("--output_dir", default="output", help="results go to <output_dir>/opt/<model_name>.txt|.jsonl")
+    p.add_argument("--output_dir", type=output_dir, default="output",
+                   help="results go to <output_dir>/opt/<model_name>.txt|.jsonl")
     return p
 
 
@@ -70,8 +71,9 @@ def resolve_dtype(name, device):
     return getattr(torch, name)
 
 
-def load(args):
-    """(device, model on the CPU, its adapter, tokenizer, eval windows per set, seqlen).
+def load(args, calibrate=True):
+    """(device, model on the CPU, its adapter, tokenizer, eval windows per set, calibration
+    batches (None unless calibrate), seqlen).
 
     The model stays on the CPU: layers move to the device one at a time.
     """
@@ -88,6 +90,7 @@ def load(args):
         if args.eval_samples:
             cap = min(cap or args.eval_samples, args.eval_samples)
         windows[name] = lm.eval_windows(tokens, seqlen, cap)
+    calibration = calibration_batches(args, tokenizer, seqlen) if calibrate else None
     model = load_model(source, dtype=resolve_dtype(args.dtype, device))
     try:
         adapter = adapter_for(model)
@@ -97,7 +100,7 @@ def load(args):
         raise UserError(f"{args.model_name} is not a decoder language model ({type(model).__name__})")
     if getattr(args, "allocation", "") is None:
         args.allocation = adapter.default_allocation
-    return device, model, adapter, tokenizer, windows, seqlen
+    return device, model, adapter, tokenizer, windows, calibration, seqlen
 
 
 def calibration_batches(args, tokenizer, seqlen):

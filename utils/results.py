@@ -1,23 +1,44 @@
 """Result files: a human-readable .txt block and one JSON object per run in the .jsonl beside it.
 
-Both are rewritten whole through a temporary file and os.replace, so an interrupted run never
-leaves a half-written line or block behind.
+Each file is rewritten whole through a temporary file and os.replace, so an interrupted run
+never leaves a half-written line or block behind; and runs that finish at the same moment (a
+seed sweep in parallel) take turns under a lock on the folder, so none loses another's record.
 """
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
 
 
+@contextlib.contextmanager
+def _folder_lock(folder):
+    # The lock is on the folder, not on the files: os.replace gives a file a new inode, which a
+    # waiting process's lock on the old one would not cover.
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _append_atomically(path, text):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     old = ""
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             old = f.read()
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(old + text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; results are for sharing
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -26,9 +47,12 @@ def _append_atomically(path, text):
 
 
 def append_result(stem, record, block):
-    """Append `block` to <stem>.txt and `record` as one JSON line to <stem>.jsonl."""
-    _append_atomically(stem + ".jsonl", json.dumps(record, sort_keys=False) + "\n")
-    _append_atomically(stem + ".txt", block.rstrip("\n") + "\n\n")
+    """Append `record` as one JSON line to <stem>.jsonl and `block` to <stem>.txt."""
+    folder = os.path.dirname(os.path.abspath(stem))
+    os.makedirs(folder, exist_ok=True)
+    with _folder_lock(folder):
+        _append_atomically(stem + ".jsonl", json.dumps(record, sort_keys=False) + "\n")
+        _append_atomically(stem + ".txt", block.rstrip("\n") + "\n\n")
 
 
 def read_jsonl(path):

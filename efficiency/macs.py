@@ -7,7 +7,11 @@ With sequence length S, hidden size d and head size d_h:
 - one FFN neuron costs 2·S·d (3·S·d with a gated FFN);
 - embeddings, LayerNorm, softmax, biases and task heads are not counted.
 """
-from prune.allocation import Costs
+from prune.allocation import Costs, macs_of
+
+# The MACs of a shape (heads and neurons per layer): the allocators' own count, so that the
+# reported ratio is the one the budget was held to.
+model_macs = macs_of
 
 
 def unit_costs(d, head_dim, seq_len, queries_per_unit=1, gated=False):
@@ -20,10 +24,6 @@ def unit_costs(d, head_dim, seq_len, queries_per_unit=1, gated=False):
 def adapter_costs(adapter, seq_len):
     return unit_costs(adapter.hidden_size(), adapter.head_dim(), seq_len,
                       adapter.queries_per_unit(), adapter.gated_ffn())
-
-
-def model_macs(heads_per_layer, neurons_per_layer, costs):
-    return sum(heads_per_layer) * costs.head + sum(neurons_per_layer) * costs.neuron
 
 
 def shape_of(model, adapter):

@@ -6,15 +6,15 @@ import torch
 from tqdm import tqdm
 
 from evaluate.glue_metrics import glue_metrics
+from evaluate.inputs import accepted_inputs
 
-_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
-
-def predict(model, batches, device, desc="eval"):
+def predict(model, batches, device, desc="eval", class_to_label=None):
     """(predictions, labels) as numpy arrays over all batches.
 
-    A prediction is the argmax of the logits, or the value itself for a regression head
-    (one output). The model's train/eval mode is restored afterwards.
+    A prediction is the argmax of the logits (mapped through `class_to_label` when the
+    checkpoint orders its classes differently from the dataset), or the value itself for a
+    regression head (one output). The model's train/eval mode is restored afterwards.
     """
     was_training = model.training
     model.eval()
@@ -22,19 +22,19 @@ def predict(model, batches, device, desc="eval"):
     total = len(batches) if hasattr(batches, "__len__") else None
     with torch.no_grad():
         for batch in tqdm(batches, desc=desc, total=total, file=sys.stderr, leave=False):
-            # Labels stay out of the call: we want logits, not a loss.
-            inputs = {k: batch[k].to(device) for k in _MODEL_INPUTS if k in batch}
+            inputs = {k: v.to(device) for k, v in accepted_inputs(model, batch).items()}
             logits = model(**inputs).logits
             if logits.shape[-1] == 1:
                 predictions.append(logits[:, 0].float().cpu().numpy())
             else:
-                predictions.append(logits.argmax(dim=-1).cpu().numpy())
+                classes = logits.argmax(dim=-1).cpu().numpy()
+                predictions.append(classes if class_to_label is None else class_to_label[classes])
             labels.append(batch["labels"].cpu().numpy())
     model.train(was_training)
     return np.concatenate(predictions), np.concatenate(labels)
 
 
-def evaluate_task(model, spec, eval_batches_by_split, device):
+def evaluate_task(model, spec, eval_batches_by_split, device, class_to_label=None):
     """The task's metrics on each of its eval splits, in one flat dict.
 
     eval_batches_by_split maps each of spec.eval_splits to its batches. The first split
@@ -46,7 +46,7 @@ def evaluate_task(model, spec, eval_batches_by_split, device):
         if split not in eval_batches_by_split:
             raise ValueError(f"no batches given for the {split!r} split of {spec.name}")
         predictions, labels = predict(model, eval_batches_by_split[split], device,
-                                      desc=f"{spec.name} {split}")
+                                      desc=f"{spec.name} {split}", class_to_label=class_to_label)
         suffix = "_mm" if split == "validation_mismatched" else ""
         for name, value in glue_metrics(spec, predictions, labels).items():
             results[name + suffix] = value

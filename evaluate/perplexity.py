@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from prune.pipeline import capture_inputs, move_to, restore
+from prune.pipeline import capture_inputs, move_to, restore, run_layer
 
 
 @torch.no_grad()
@@ -19,9 +19,7 @@ def window_nlls(model, adapter, windows, device, batch_size=1, progress=True, de
     calib = capture_inputs(model, adapter, batches, device)
     for layer in tqdm(adapter.layers(model), desc=desc, disable=not progress, leave=False):
         moved = move_to([layer], device)
-        for b, (x, extras) in enumerate(zip(calib.hidden, calib.extras)):
-            out = layer(x, **extras)
-            calib.hidden[b] = out[0] if isinstance(out, tuple) else out
+        run_layer(layer, calib)
         restore(moved)
     moved = move_to(adapter.post_layer_modules(model), device)
     nlls = []

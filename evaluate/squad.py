@@ -7,7 +7,6 @@ unanswerable question's gold is the empty answer, and the scores are also broken
 answerable (HasAns) and unanswerable (NoAns) questions.
 """
 import collections
-import inspect
 import re
 import string
 import sys
@@ -18,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from dataset.squad import batches, collate
+from evaluate.inputs import accepted_inputs
 
 VERSIONS = ("1.1", "2.0")
 
@@ -41,15 +41,17 @@ def exact_match(pred, gold):
     return float(normalize_answer(pred) == normalize_answer(gold))
 
 
-def f1_score(pred, gold):
+def f1_score(pred, gold, empty_matches_empty=True):
     """Harmonic mean of token precision and recall between the normalised answers.
 
-    When either side is empty (SQuAD 2.0 no-answer), it is 1.0 if both are, else 0.0.
+    When either side is empty it is 0.0, except that two empty answers score 1.0 as in the
+    official 2.0 script (a right no-answer); the 1.1 script scores them 0.0
+    (empty_matches_empty=False).
     """
     pred_tokens = normalize_answer(pred).split()
     gold_tokens = normalize_answer(gold).split()
     if not pred_tokens or not gold_tokens:
-        return float(pred_tokens == gold_tokens)
+        return float(empty_matches_empty and pred_tokens == gold_tokens)
     common = collections.Counter(pred_tokens) & collections.Counter(gold_tokens)
     same = sum(common.values())
     if same == 0:
@@ -85,7 +87,7 @@ def squad_metrics(examples, predictions, version):
         pred = predictions[ex["id"]]
         golds = _gold_answers(ex, version)
         exact.append(max(exact_match(pred, g) for g in golds))
-        f1.append(max(f1_score(pred, g) for g in golds))
+        f1.append(max(f1_score(pred, g, empty_matches_empty=version == "2.0") for g in golds))
         has_answer.append(bool(ex["answers"]["text"]))
     exact, f1, has_answer = np.array(exact), np.array(f1), np.array(has_answer, dtype=bool)
 
@@ -122,21 +124,22 @@ def _padded(logits, n_rows, width):
 def _best_spans(start, end, context, n_best, max_answer_length):
     """Per window: the best-scoring answer span inside the context.
 
-    Vectorised over all windows: take the n_best highest start and end logits among the
-    window's context tokens, score all n_best^2 pairs as start+end, reject pairs that end
-    before they start or are longer than max_answer_length, and keep the best.
+    As the reference post-processing (BERT's run_squad, transformers' run_qa) does it, so
+    that scores compare with published ones: take the window's n_best highest start and end
+    logits over all its tokens, score all n_best^2 pairs as start+end, reject pairs with an
+    end or start outside the context, that end before they start or that are longer than
+    max_answer_length, and keep the best. Vectorised over all windows.
     Returns (score, start token, end token); score is -inf where no span is valid.
     """
-    start = np.where(context, start, -np.inf)
-    end = np.where(context, end, -np.inf)
     k = min(n_best, start.shape[1])
     top_start = np.argpartition(-start, k - 1, axis=1)[:, :k]
     top_end = np.argpartition(-end, k - 1, axis=1)[:, :k]
     pair = (np.take_along_axis(start, top_start, axis=1)[:, :, None]
             + np.take_along_axis(end, top_end, axis=1)[:, None, :])      # (windows, k, k)
     length = top_end[:, None, :] - top_start[:, :, None] + 1
-    # Non-context tokens carry -inf, so pairs touching them are not finite.
-    valid = (length >= 1) & (length <= max_answer_length) & np.isfinite(pair)
+    in_context = (np.take_along_axis(context, top_start, axis=1)[:, :, None]
+                  & np.take_along_axis(context, top_end, axis=1)[:, None, :])
+    valid = in_context & (length >= 1) & (length <= max_answer_length) & np.isfinite(pair)
     pair = np.where(valid, pair, -np.inf).reshape(len(pair), -1)
     best = pair.argmax(axis=1)
     rows = np.arange(len(pair))
@@ -197,8 +200,6 @@ def predict_logits(model, features, device, batch_size=64):
     positions past a feature's length hold -inf."""
     model.eval()
     pad_id = getattr(model.config, "pad_token_id", None) or 0
-    # DistilBERT has no segment embeddings and its forward() rejects token_type_ids.
-    use_token_types = "token_type_ids" in inspect.signature(model.forward).parameters
 
     # Batches of similar lengths waste little on padding; rows go back in feature order.
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
@@ -208,9 +209,7 @@ def predict_logits(model, features, device, batch_size=64):
     n_batches = (len(order) + batch_size - 1) // batch_size
     for idx in tqdm(batches(order, batch_size), total=n_batches, desc="SQuAD eval",
                     unit="batch", file=sys.stderr):
-        inputs = collate([features[i] for i in idx], pad_id)
-        if not use_token_types:
-            inputs.pop("token_type_ids", None)
+        inputs = accepted_inputs(model, collate([features[i] for i in idx], pad_id))
         inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
         out = model(**inputs)
         rows = torch.as_tensor(idx, device=device)

@@ -3,12 +3,14 @@
 A task loads (and checks) all its data when it is made, so that bad input fails before any
 model work starts.
 """
-import inspect
+
+import sys
 
 import numpy as np
 
 from dataset import glue, squad
 from evaluate.glue import evaluate_task
+from evaluate.inputs import accepted_inputs
 from evaluate.squad import evaluate_squad
 from utils.cli import UserError
 
@@ -39,11 +41,18 @@ def check_checkpoint(name, config):
                         f"{glue.TASKS[name].num_labels}")
 
 
-def accepted_inputs(model, batch):
-    """The batch without the inputs the model's forward does not take (DistilBERT has no
-    token_type_ids) and without labels (we want logits, not a loss)."""
-    params = inspect.signature(model.forward).parameters
-    return {k: v for k, v in batch.items() if k in params and k != "labels"}
+def class_to_label(spec, config):
+    """The dataset label of each of the checkpoint's classes, as an index array, when the
+    checkpoint names its classes with the task's label names in another order (MNLI models
+    trained with the original GLUE processors put contradiction first); None when the orders
+    agree or the names say nothing (LABEL_0, ...), and the dataset's order is assumed."""
+    if spec.is_regression or not spec.label_names:
+        return None
+    names = [str(config.id2label.get(i, "")).lower() for i in range(spec.num_labels)]
+    if sorted(names) != sorted(spec.label_names):
+        return None
+    order = [spec.label_names.index(name) for name in names]
+    return None if order == sorted(order) else np.array(order)
 
 
 class GlueTask:
@@ -57,6 +66,7 @@ class GlueTask:
         self.train = glue.load_examples(self.spec, "train", data_dir)
         self.eval_sets = {split: glue.encode(glue.load_examples(self.spec, split, data_dir), tokenizer, self.spec)
                           for split in self.spec.eval_splits}
+        self._told_mapping = False
 
     def _batches(self, encoded, model):
         return [accepted_inputs(model, b) | {"labels": b["labels"]}
@@ -76,7 +86,13 @@ class GlueTask:
 
     def evaluate(self, model, device):
         batches = {split: self._batches(encoded, model) for split, encoded in self.eval_sets.items()}
-        return evaluate_task(model, self.spec, batches, device)
+        mapping = class_to_label(self.spec, model.config)
+        if mapping is not None and not self._told_mapping:
+            print(f"note: the checkpoint orders the {self.name} classes "
+                  f"{[model.config.id2label[i] for i in range(len(mapping))]}; its predictions are mapped to "
+                  f"the dataset's order {list(self.spec.label_names)}", file=sys.stderr)
+            self._told_mapping = True
+        return evaluate_task(model, self.spec, batches, device, class_to_label=mapping)
 
     def latency_batch(self, model, size=32):
         """A fixed batch of dev examples, padded to the longest, for timing forward passes."""

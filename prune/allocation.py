@@ -97,14 +97,10 @@ def _exp_fit(values):
 # Allocators
 
 
-def _top_counts(values, owners, n_layers, count):
-    """Per-layer counts of the `count` largest values (values of one layer are non-increasing,
-    so the kept units of each layer are a prefix of its order)."""
-    counts = np.zeros(n_layers, dtype=int)
-    if count > 0:
-        top = np.argsort(-values, kind="stable")[:count]
-        np.add.at(counts, owners[top], 1)
-    return counts
+def _owners_by_value(values, owners):
+    """The owning layer of each unit, best value first (values of one layer are
+    non-increasing, so the top units of each layer are a prefix of its order)."""
+    return owners[np.argsort(-values, kind="stable")]
 
 
 def faithful(scores, costs, mu, weighting="sqrt"):
@@ -116,6 +112,8 @@ def faithful(scores, costs, mu, weighting="sqrt"):
     neuron_values = np.concatenate([w_neuron[l] * s.neuron_pivots for l, s in enumerate(scores)])
     neuron_owner = np.concatenate([np.full(s.n_neurons, l) for l, s in enumerate(scores)])
     sorted_head_values = np.sort(head_values)[::-1]
+    heads_by_value = _owners_by_value(head_values, head_owner)
+    neurons_by_value = _owners_by_value(neuron_values, neuron_owner)
 
     budget = mu * dense_macs(scores, costs)
     best = None
@@ -124,8 +122,8 @@ def faithful(scores, costs, mu, weighting="sqrt"):
         if left < 0:
             break
         total_neurons = min(int(np.floor(left / costs.neuron + 1e-9)), len(neuron_values))
-        heads = _top_counts(head_values, head_owner, L, total_heads)
-        neurons = _top_counts(neuron_values, neuron_owner, L, total_neurons)
+        heads = np.bincount(heads_by_value[:total_heads], minlength=L)
+        neurons = np.bincount(neurons_by_value[:total_neurons], minlength=L)
         head_cutoff = sorted_head_values[total_heads] if total_heads < len(head_values) else 0.0
         neuron_residual = np.mean([w_neuron[l] * s.neuron_errors[neurons[l]] for l, s in enumerate(scores)])
         gap = abs(head_cutoff - 2.0 * neuron_residual)

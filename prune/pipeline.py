@@ -132,6 +132,13 @@ def _glibc():
 _LIBC = _glibc()
 
 
+def run_layer(layer, calib):
+    """Replace every batch's hidden states by the layer's outputs (the next layer's inputs)."""
+    for b, (x, extras) in enumerate(zip(calib.hidden, calib.extras)):
+        out = layer(x, **extras)
+        calib.hidden[b] = out[0] if isinstance(out, tuple) else out
+
+
 def dense_blocks(adapter, layer, G_heads, G_ffn):
     """The STAT blocks of one dense layer and their scores (an empty block has None, and
     scores as nothing to keep)."""

@@ -17,7 +17,7 @@ import dataclasses
 import torch
 from tqdm.auto import tqdm
 
-from prune.pipeline import capture_inputs, move_to, restore
+from prune.pipeline import capture_inputs, move_to, restore, run_layer
 from quantize.gptq import GPTQ, rtn_quantize
 from quantize.pack import QuantizedWeight
 
@@ -59,9 +59,7 @@ def quantize_model(model, adapter, batches, device, wbits, groupsize=-1, sym=Fal
         else:
             results = _gptq_layer(adapter, layer, paths, calib, wbits, groupsize, sym, act_order, percdamp)
             # The next layer is calibrated on the outputs of this one as quantized.
-            for b, (x, extras) in enumerate(zip(calib.hidden, calib.extras)):
-                out = layer(x, **extras)
-                calib.hidden[b] = out[0] if isinstance(out, tuple) else out
+            run_layer(layer, calib)
         for path, result in results.items():
             quantized[f"{layer_name}.{path}"] = _on_cpu(QuantizedWeight.from_result(result))
         restore(moved)

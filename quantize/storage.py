@@ -16,16 +16,14 @@ loader would otherwise leave the quantized weights randomly initialised. Load wi
 `load_quantized(dir)`, or `prerequisites.checkpoint.load_model(dir)`, which dispatches here.
 """
 import copy
-import json
 import os
 
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 
 from efficiency.macs import shape_of
 from prerequisites import adapters
-from prerequisites.checkpoint import _model_class
+from prerequisites.checkpoint import _model_class, load_config
 from quantize.pack import QuantizedWeight, quantized_prefixes
 from utils.cli import UserError
 
@@ -99,7 +97,9 @@ def load_quantized(path, dtype=None, device="cpu", config=None):
     the caller has read it already.
     """
     if config is None:
-        config = _read_config(path)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(f"not a checkpoint (no config.json): {path}")
+        config = load_config(path)
     if not is_quantized(config):
         raise UserError(f"{path} is not a quantized checkpoint (its config has no stat_quantization)")
     weights_path = os.path.join(path, WEIGHTS_FILE)
@@ -138,15 +138,6 @@ def load_quantized(path, dtype=None, device="cpu", config=None):
             linear.weight.copy_(weight.dequantize(linear.weight.dtype))
     dtype = dtype or getattr(torch, info.get("dtype", "float32"))
     return model.to(device=device, dtype=dtype).eval()
-
-
-def _read_config(path):
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise UserError(f"not a checkpoint (no config.json): {path}")
-    try:
-        return transformers.AutoConfig.from_pretrained(path)
-    except (ValueError, OSError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read the config of {path}: {err}")
 
 
 def weights_size_mb(path):

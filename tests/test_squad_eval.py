@@ -83,6 +83,16 @@ def test_spans_in_question_are_rejected():
     assert run([example()], [w]) == {"q": "zeta"}
 
 
+def test_n_best_is_taken_over_all_tokens_as_the_reference_does():
+    # The n_best highest starts are chosen before the question tokens are filtered out (BERT's
+    # run_squad, transformers' run_qa): with n_best = 2 and two question tokens on top, no
+    # context start is left, even though "zeta" is a valid span.
+    w = Window(0, 10).span(5, 5, 1.0, 1.0)
+    w.start[1] = w.start[2] = 10.0
+    assert run([example()], [w], n_best=2) == {"q": ""}
+    assert run([example()], [w], n_best=3) == {"q": "zeta"}
+
+
 def test_max_answer_length():
     w = Window(0, 10).span(0, 6, 10.0, 10.0).span(8, 8, 6.0, 6.0)
     assert run([example()], [w], max_answer_length=30) == {"q": "alpha beta gamma delta epsilon zeta eta"}
@@ -177,6 +187,15 @@ def test_exact_match_and_f1_by_hand():
     assert f1_score("dog dog", "the dog") == pytest.approx(2 / 3)
     assert f1_score("cat", "dog") == 0.0
     assert f1_score("", "") == 1.0 and f1_score("", "dog") == 0.0 and f1_score("dog", "") == 0.0
+    # the official 1.1 script: no common token, so 0.0 even when both sides are empty
+    assert f1_score("the", "a", empty_matches_empty=False) == 0.0
+
+
+def test_v1_gold_that_normalises_to_nothing():
+    # Gold "The" normalises to nothing: the 1.1 script gives EM 1 and F1 0 for the prediction
+    # "the", and keeps the gold (2.0 would drop it and score against no-answer).
+    ex = example("a", ["The"])
+    assert squad_metrics([ex], {"a": "the"}, "1.1") == {"exact": 100.0, "f1": 0.0}
 
 
 def test_metrics_v1_best_over_gold_answers():

@@ -226,6 +226,9 @@ def prune_sequential(model, adapter, calib, heads, neurons, device, dense_blocks
 
     With `dense_blocks`, the FFN IDs come from the dense model instead (only the heads are
     re-measured), which saves the costliest Gram products.
+
+    Memory: two activation-sized sets of tensors at most, the layer's inputs and its
+    attention outputs, each batch's dropped as soon as it has been used for the last time.
     """
     layers = adapter.layers(model)
     for l, layer in enumerate(tqdm(layers, desc="pass 2: prune", disable=not progress)):
@@ -238,24 +241,28 @@ def prune_sequential(model, adapter, calib, heads, neurons, device, dense_blocks
             keep, W_O = stat_heads(G_heads, W_O, adapter.unit_dims())[0].prune(heads[l])
             adapter.prune_heads(layer, keep, W_O)
             kept_dims = expand_groups(keep, adapter.unit_dims()).to(device)
-        # the kept heads' outputs are unchanged by the pruning: reuse them (in place, so that
-        # at most two activation-sized buffers are alive: the inputs, and these)
+        # the kept heads' outputs are unchanged by the pruning: reuse them, in place; and the
+        # layer's inputs are not needed past the attention's residual: drop them, so that the
+        # FFN's Gram and factor run beside one activation-sized buffer, not two
         hs = contexts
         for b, x in enumerate(calib.hidden):
             hs[b] = adapter.after_attention(layer, hs[b][..., kept_dims], x)
+            calib.hidden[b] = None
 
         if adapter.n_neurons(layer):
             if dense_blocks is None:
                 G_ffn = _gram((adapter.ffn_hidden(layer, h) for h in hs), calib.masks, adapter.n_neurons(layer),
                               device, sketch_rows)
                 block = stat_neurons(G_ffn, adapter.get(layer, adapter.ffn_consumer).weight)[0]
+                del G_ffn  # the block holds its factor; the Gram is not needed while it prunes
             else:
                 block = dense_blocks[l][1]
             adapter.prune_neurons(layer, *block.prune(neurons[l]))
 
         for b, h in enumerate(hs):
             calib.hidden[b] = adapter.after_ffn(layer, adapter.ffn_hidden(layer, h), h)
-        del hs
+            hs[b] = None
+        del contexts, hs  # one list under two names
         restore(moved)
 
 

@@ -64,7 +64,10 @@ class UnitBlock:
 def stat_neurons(G, W):
     """FFN neurons by the column ID of A·diag(‖W[:, j]‖), from G = AᵀA."""
     scale = W.detach().double().norm(dim=0).to(G.device)
-    factor = pivoted_factor(G * scale[:, None] * scale[None, :])
+    scaled = G * scale[:, None]
+    scaled *= scale[None, :]  # in place: a Gram is the largest matrix here
+    factor = pivoted_factor(scaled)
+    del scaled
     return UnitBlock(W, factor.order, 1, factor, dim_scale=scale), factor
 
 

@@ -11,7 +11,8 @@ from efficiency.latency import peak_memory_mb
 from efficiency.macs import count_parameters
 from quantize_opt import add_quantize_arguments, check_quantize_arguments, describe_quantizer, quantize_and_report
 from utils.cli import run_main, set_seed
-from utils.decoder_cli import decoder_parser, load, now, perplexities, ppl_lines, write
+from utils.decoder_cli import decoder_parser, load, perplexities, ppl_lines, write
+from utils.results import now
 
 
 def parse_args(argv=None):

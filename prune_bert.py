@@ -8,7 +8,6 @@ pruned model, and writes a block to output/<model_name>/<task_name>.txt and one 
 the .jsonl beside it.
 """
 import argparse
-import datetime
 import os
 
 from efficiency.latency import measure_latency
@@ -19,7 +18,7 @@ from prerequisites.checkpoint import load_config, load_model, load_tokenizer, sa
 from prune.pipeline import stat_prune
 from utils.cli import (ArgumentParser, UserError, add_stat_arguments, mu_value, output_dir, positive_int,
                        require_dir, resolve_device, run_main, seed_value, set_seed)
-from utils.results import append_result
+from utils.results import append_result, now
 
 
 def parse_args(argv=None):
@@ -107,7 +106,7 @@ def main(argv=None):
         "params_dense": params_dense, "params_pruned": count_parameters(model),
         "prune_seconds": prune_seconds, "latency_batch": int(latency_batch["input_ids"].shape[0]),
         "latency_dense_ms": latency_dense, "latency_pruned_ms": measure_latency(model, latency_batch, device),
-        "device": str(device), "time": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": str(device), "time": now(),
     }
     if args.save_model:
         save_pruned(model, args.save_model, tokenizer)

@@ -15,7 +15,8 @@ from efficiency.macs import adapter_costs, count_parameters, model_macs, shape_o
 from prerequisites.checkpoint import save_pruned
 from prune.pipeline import stat_prune
 from utils.cli import add_stat_arguments, mu_value, output_dir, run_main, set_seed
-from utils.decoder_cli import decoder_parser, load, now, perplexities, ppl_lines, write
+from utils.decoder_cli import decoder_parser, load, perplexities, ppl_lines, write
+from utils.results import now
 
 
 def add_prune_arguments(p):

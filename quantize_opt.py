@@ -20,7 +20,8 @@ from prune_opt import add_prune_arguments, prune_and_report, pruning_lines
 from quantize.sequential import quantize_model
 from quantize.storage import save_quantized, weights_size_mb
 from utils.cli import output_dir, run_main
-from utils.decoder_cli import decoder_parser, load, model_source, now, perplexities, write
+from utils.decoder_cli import decoder_parser, load, model_source, perplexities, write
+from utils.results import now
 
 WBITS = (2, 3, 4, 8)
 QUANTIZE_FLAGS = ("groupsize", "sym", "act_order", "nearest", "percdamp", "save_model")

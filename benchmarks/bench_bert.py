@@ -11,13 +11,12 @@ import argparse
 import copy
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from efficiency.latency import measure_latency, peak_memory_mb  # noqa: E402
+from efficiency.latency import forward_seconds as dense_forward_seconds, measure_latency, peak_memory_mb  # noqa: E402
 from efficiency.macs import adapter_costs, model_macs, shape_of  # noqa: E402
 from evaluate.tasks import make_task  # noqa: E402
 from prerequisites.adapters import adapter_for  # noqa: E402
@@ -25,7 +24,7 @@ from prerequisites.checkpoint import load_model, load_tokenizer  # noqa: E402
 from prune.pipeline import stat_prune  # noqa: E402
 from scripts.build_demo_classifier import DEFAULT_OUT, build_classifier  # noqa: E402
 
-# method/allocation/calibration[/share of the calibration set scored in pass 1, default 0.25];
+# method/allocation/calibration[/share of the calibration set scored in pass 1, default stat_prune's];
 # the first is prune_bert.py's default
 VARIANTS = [
     "stat/greedy/sequential",
@@ -34,18 +33,6 @@ VARIANTS = [
     "stat/greedy/one_shot",
     "magnitude/greedy/-",
 ]
-
-
-@torch.no_grad()
-def dense_forward_seconds(model, batches, repeats=3):
-    """One dense forward pass over the calibration batches (the fastest of a few: warm)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for batch in batches:
-            model(**batch)
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main():
@@ -68,7 +55,7 @@ def main():
     calibration = calibrations[args.seeds[0]]
 
     dense_accuracy = task.evaluate(dense_model, "cpu")["accuracy"]
-    forward_seconds = dense_forward_seconds(dense_model, calibration)
+    forward_seconds = dense_forward_seconds(dense_model, calibration, repeats=3)
     latency_batch = task.latency_batch(dense_model)
     dense_latency = measure_latency(dense_model, latency_batch, "cpu")
 
@@ -80,13 +67,13 @@ def main():
         row = f"{mu:>5.2f}  "
         for name in args.variants:
             method, allocation, calibration_mode, *scored = name.split("/")
-            score_fraction = float(scored[0]) if scored else 0.25
+            scoring = {"score_fraction": float(scored[0])} if scored else {}  # else stat_prune's default
             accuracies = []
             for seed in args.seeds:
                 model = copy.deepcopy(dense_model)
                 result = stat_prune(model, adapter, calibrations[seed], costs, mu, "cpu", method=method,
                                     allocation=allocation, calibration=calibration_mode if method == "stat" else "sequential",
-                                    score_fraction=score_fraction, progress=False)
+                                    progress=False, **scoring)
                 accuracies.append(task.evaluate(model, "cpu")["accuracy"])
                 ratio = model_macs(result.heads, result.neurons, costs) / dense_macs
                 assert ratio <= mu + 1e-9, (name, mu, ratio)

@@ -62,7 +62,7 @@ def main():
     adapter = adapter_for(dense)
     windows = lm.eval_windows(lm.eval_tokens("austen", tokenizer)["prideprejudice"], args.seqlen, args.eval_windows)
     ids = lm.calibration_windows("austen", tokenizer, args.nsamples, args.seqlen, seed=0)
-    batches = [{"input_ids": ids[i:i + args.batch_size]} for i in range(0, len(ids), args.batch_size)]
+    batches = lm.window_batches(ids, args.batch_size)
     print(f"SmolLM2-135M ({count_parameters(dense) / 1e6:.1f}M parameters, float32), device {device}, "
           f"{torch.get_num_threads()} threads")
     print(f"calibration: {args.nsamples} x {args.seqlen} tokens of emma + mansfieldpark (seed 0); "
@@ -98,7 +98,7 @@ def main():
     start = time.perf_counter()
     stat_prune(pruned, adapter, batches, adapter_costs(adapter, args.seqlen), args.mu, device, progress=False)
     prune_seconds = time.perf_counter() - start
-    report(f"STAT mu {args.mu}", pruned, saved_size_mb(lambda folder: save_pruned(copy.deepcopy(pruned), folder)),
+    report(f"STAT mu {args.mu}", pruned, saved_size_mb(lambda folder: save_pruned(pruned, folder)),
            prune_s=prune_seconds)
     model, size, seconds = quantized(pruned, groupsize=128)
     report(f"STAT mu {args.mu} + GPTQ {b}-bit, groupsize 128", model, size, prune_seconds, seconds)

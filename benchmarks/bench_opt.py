@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -22,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from dataset import lm  # noqa: E402
-from efficiency.latency import RssPeak  # noqa: E402
+from efficiency.latency import RssPeak, forward_seconds as dense_forward_seconds  # noqa: E402
 from efficiency.macs import adapter_costs, model_macs, shape_of  # noqa: E402
 from evaluate.perplexity import perplexity  # noqa: E402
 from prerequisites.adapters import adapter_for  # noqa: E402
@@ -31,21 +30,9 @@ from prune.pipeline import release_memory, stat_prune  # noqa: E402
 from scripts.convert_smollm2 import DEFAULT_OUT, convert  # noqa: E402
 
 
-@torch.no_grad()
-def dense_forward_seconds(model, batches, repeats=2):
-    """One dense forward pass over the calibration windows (the faster of two: warm)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for batch in batches:
-            model(**batch, use_cache=False)
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def calibration(tokenizer, args):
     windows = lm.calibration_windows("austen", tokenizer, args.nsamples, args.seqlen, seed=0)
-    return [{"input_ids": windows[i:i + args.batch_size]} for i in range(0, len(windows), args.batch_size)]
+    return lm.window_batches(windows, args.batch_size)
 
 
 def memory_probe(args):
@@ -54,6 +41,7 @@ def memory_probe(args):
     tokenizer = load_tokenizer(model_dir)
     batches = calibration(tokenizer, args)
     model = load_model(model_dir)
+    model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     adapter = adapter_for(model)
     with torch.no_grad():  # the runtime's one-off buffers (BLAS, oneDNN) come with any forward pass
         model(**batches[0], use_cache=False)
@@ -63,7 +51,7 @@ def memory_probe(args):
     config = model.config
     print(json.dumps({
         "peak_mb": memory.peak_mb,
-        "model_mb": sum(p.numel() * p.element_size() for p in load_model(model_dir).parameters()) / 2**20,
+        "model_mb": model_mb,
         "activations_mb": args.nsamples * args.seqlen * config.hidden_size * 4 / 2**20,
     }))
 
@@ -92,7 +80,7 @@ def main():
     batches = calibration(tokenizer, args)
     windows = lm.eval_windows(lm.eval_tokens("austen", tokenizer)["prideprejudice"], args.seqlen,
                               args.eval_windows)
-    forward_seconds = dense_forward_seconds(dense, batches)
+    forward_seconds = dense_forward_seconds(dense, batches, repeats=2, use_cache=False)
     dense_ppl = perplexity(dense, adapter, windows, "cpu", args.batch_size, progress=False)
     print(f"SmolLM2-135M, calibration {args.nsamples} x {args.seqlen} tokens (emma + mansfieldpark, seed 0), "
           f"perplexity on the first {len(windows)} windows of {args.seqlen} tokens of prideprejudice")

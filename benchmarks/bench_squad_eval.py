@@ -35,12 +35,12 @@ import torch
 import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 import evaluate.squad  # noqa: E402
-import tiny  # noqa: E402
 from dataset.lm import AUSTEN_DIR  # noqa: E402
 from dataset.squad import prepare_eval_features  # noqa: E402
+from efficiency.macs import count_parameters  # noqa: E402
+from scripts.build_demo_classifier import minilm_dir  # noqa: E402
 
 FULL_QUESTIONS = {"1.1": 10570, "2.0": 11873}  # the official dev sets
 UNANSWERABLE = {"1.1": 0.0, "2.0": 5945 / 11873}
@@ -217,10 +217,10 @@ def main():
 
     transformers.logging.set_verbosity_error()  # "newly initialised qa_outputs" is expected
     torch.manual_seed(0)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny.minilm_dir())
-    model = transformers.BertForQuestionAnswering.from_pretrained(tiny.minilm_dir()).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    model = transformers.BertForQuestionAnswering.from_pretrained(minilm_dir()).eval()
     print(f"model: MiniLM-L6-H384 as BertForQuestionAnswering (random QA head), "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; "
+          f"{count_parameters(model) / 1e6:.1f}M parameters; "
           f"CPU, {torch.get_num_threads()} threads")
     sentences = austen_sentences()
     for version in args.versions:

@@ -351,6 +351,11 @@ def eval_tokens(task, tokenizer, data_dir=None):
             for name in available_eval_sets(task, data_dir)}
 
 
+def window_batches(windows, batch_size):
+    """Model inputs of `batch_size` windows each (the last batch may hold fewer)."""
+    return [{"input_ids": windows[i:i + batch_size]} for i in range(0, len(windows), batch_size)]
+
+
 def eval_windows(tokens, seqlen, max_windows=None):
     """Non-overlapping windows of a token stream (1, n) or (n,): LongTensor
     (n_windows, seqlen), n_windows = n // seqlen (at most max_windows); the tail is dropped."""

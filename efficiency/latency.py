@@ -23,6 +23,19 @@ def measure_latency(model, batch, device, warmup=3, repeats=15):
     return 1000.0 * statistics.median(times)
 
 
+@torch.no_grad()
+def forward_seconds(model, batches, repeats=3, **forward_kwargs):
+    """Seconds of one forward pass over all `batches` on the CPU (the fastest of `repeats`:
+    warm caches), the unit benchmarks measure pruning time in."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for batch in batches:
+            model(**batch, **forward_kwargs)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def peak_memory_mb(device):
     """Peak memory of this process so far: CUDA allocator peak on a GPU, max RSS on the CPU."""
     if torch.device(device).type == "cuda":

@@ -9,13 +9,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dataset.lm import window_batches
 from prune.pipeline import capture_inputs, move_to, restore, run_layer
 
 
 @torch.no_grad()
 def window_nlls(model, adapter, windows, device, batch_size=1, progress=True, desc="perplexity"):
     """Mean next-token NLL of each window (windows: LongTensor (n, seqlen)), layer by layer."""
-    batches = [{"input_ids": windows[i:i + batch_size]} for i in range(0, len(windows), batch_size)]
+    batches = window_batches(windows, batch_size)
     calib = capture_inputs(model, adapter, batches, device)
     for layer in tqdm(adapter.layers(model), desc=desc, disable=not progress, leave=False):
         moved = move_to([layer], device)

@@ -14,22 +14,17 @@ from prune.pipeline import capture_inputs, prune_sequential, stat_prune
 FAMILIES = {"bert": tiny.bert, "distilbert": tiny.distilbert, "opt": tiny.opt, "llama": tiny.llama}
 
 
-def logits(model, batches):
-    with torch.no_grad():
-        return torch.cat([model(**b).logits.flatten() for b in batches])
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["stat", "magnitude"])
 def test_mu_one_changes_nothing(family, method):
     model = FAMILIES[family]()
     batches = tiny.random_batches()
-    expected = logits(model, batches)
+    expected = tiny.logits(model, batches)
     adapter = adapter_for(model)
     result = stat_prune(model, adapter, batches, adapter_costs(adapter, 12), 1.0, "cpu", method=method,
                         progress=False)
     assert result.heads == [adapter.n_units(l) for l in adapter.layers(model)]
-    assert torch.equal(logits(model, batches), expected)
+    assert torch.equal(tiny.logits(model, batches), expected)
 
 
 def duplicate_units(model):
@@ -57,18 +52,18 @@ def test_duplicated_heads_and_neurons_prune_without_changing_the_output(family):
     model = duplicate_units(FAMILIES[family]())
     adapter = adapter_for(model)
     batches = tiny.random_batches(n_batches=4, batch=8, length=16)
-    expected = logits(model, batches)
+    expected = tiny.logits(model, batches)
     units, neurons = shape_of(model, adapter)
     calib = capture_inputs(model, adapter, batches, "cpu")
     prune_sequential(model, adapter, calib, [u // 2 for u in units], [n // 2 for n in neurons], "cpu",
                      progress=False)
     assert shape_of(model, adapter) == ([u // 2 for u in units], [n // 2 for n in neurons])
-    got = logits(model, batches)
+    got = tiny.logits(model, batches)
     assert torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
     # ...whereas dropping the same number of units without the correction changes it
     plain = copy.deepcopy(duplicate_units(FAMILIES[family]()))
     stat_prune(plain, adapter, batches, adapter_costs(adapter, 16), 0.5, "cpu", method="magnitude", progress=False)
-    assert not torch.allclose(logits(plain, batches), expected, atol=1e-2 * expected.abs().max().item())
+    assert not torch.allclose(tiny.logits(plain, batches), expected, atol=1e-2 * expected.abs().max().item())
 
 
 def pivoted_qr_order(A):
@@ -187,4 +182,4 @@ def test_pruning_a_model_with_empty_blocks_again(family):
     heads, neurons = shape_of(model, adapter)
     assert heads[0] == 0 and neurons[1] == 0
     assert model_macs(heads, neurons, costs) <= 0.6 * before
-    assert torch.isfinite(logits(model, batches)).all()
+    assert torch.isfinite(tiny.logits(model, batches)).all()

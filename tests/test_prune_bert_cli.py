@@ -87,10 +87,6 @@ def test_end_to_end_on_a_tiny_model(checkpoints, tmp_path, model_name, task):
     assert reloaded.config.stat_ffn == record["neurons_per_layer"]
 
 
-def model_loaded(*args, **kwargs):
-    raise AssertionError("the model was loaded before the bad input was found")
-
-
 def run_cli(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_main(lambda: prune_bert.main(argv))
@@ -110,7 +106,7 @@ def run_cli(argv, capsys):
     (["--model_dir", "/nonexistent/checkpoint"], "checkpoint not found"),
 ])
 def test_bad_input_gives_one_line_and_exit_status_2(checkpoints, tmp_path, capsys, monkeypatch, bad, expected):
-    monkeypatch.setattr(prune_bert, "load_model", model_loaded)  # every check comes before the model loads
+    monkeypatch.setattr(prune_bert, "load_model", tiny.model_loaded)  # every check comes before the model loads
     data = str(tmp_path / "SST-2")
     write_sst2(data)
     argv = {"--model_name": "tiny-bert", "--task_name": "sst2", "--mu": "0.5",
@@ -134,7 +130,7 @@ def test_malformed_data_file(checkpoints, tmp_path, capsys):
 
 @pytest.mark.parametrize("flag", ["--save_model", "--output_dir"])
 def test_output_paths_under_a_file_fail_before_any_work(checkpoints, tmp_path, capsys, monkeypatch, flag):
-    monkeypatch.setattr(prune_bert, "load_model", model_loaded)
+    monkeypatch.setattr(prune_bert, "load_model", tiny.model_loaded)
     data = str(tmp_path / "SST-2")
     write_sst2(data)
     a_file = tmp_path / "a_file"

@@ -11,12 +11,11 @@ import prune_opt
 import quantize_opt
 import tiny
 import utils.decoder_cli
+from dataset.lm import AUSTEN_DIR
 from evaluate.perplexity import perplexity
 from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import load_model
 from utils.cli import run_main
-
-AUSTEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "austen")
 
 
 @pytest.mark.parametrize("make", [tiny.opt, tiny.llama])
@@ -41,7 +40,7 @@ def setup(tmp_path_factory):
         tokenizer.save_pretrained(paths[name])
     data = root / "text"
     data.mkdir()
-    text = open(os.path.join(AUSTEN, "emma.txt")).read()
+    text = open(os.path.join(AUSTEN_DIR, "emma.txt")).read()
     (data / "train.txt").write_text(text[:40000])
     (data / "test.txt").write_text(text[40000:52000])
     paths["data"] = str(data)
@@ -132,15 +131,11 @@ def test_output_paths_under_a_file_are_refused_when_parsing(script, flag, tmp_pa
         assert f"argument {flag}: cannot write to {path}: {a_file} is not a folder" in err, err
 
 
-def model_loaded(*args, **kwargs):
-    raise AssertionError("the model was loaded before the bad input was found")
-
-
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda script: script.__name__)
 @pytest.mark.parametrize("train,expected", [(None, "no train.txt"), ("Too short.", "fewer than the 65")])
 def test_calibration_text_is_checked_before_the_model_loads(setup, tmp_path, capsys, monkeypatch, script, train,
                                                             expected):
-    monkeypatch.setattr(utils.decoder_cli, "load_model", model_loaded)
+    monkeypatch.setattr(utils.decoder_cli, "load_model", tiny.model_loaded)
     data = tmp_path / "data"
     data.mkdir()
     (data / "test.txt").write_text(open(os.path.join(setup["data"], "test.txt")).read())

@@ -34,11 +34,6 @@ def pruned(family, heads=HEADS, neurons=NEURONS):
     return shrink(FAMILIES[family](), heads[family], neurons)
 
 
-def logits(model, batches):
-    with torch.no_grad():
-        return torch.cat([model(**b).logits.flatten() for b in batches])
-
-
 def relative_error(a, b):
     return ((a - b).norm() / b.norm()).item()
 
@@ -50,7 +45,7 @@ def relative_error(a, b):
 def test_every_weight_is_its_packed_codes_and_reloads_identically(family, tmp_path):
     model = pruned(family)
     batches = tiny.random_batches()
-    dense = logits(model, batches)
+    dense = tiny.logits(model, batches)
     quantized = quantize_model(model, adapter_for(model), batches, "cpu", 4, groupsize=16, act_order=True,
                                progress=False)
     names = [name for name, _ in quantized_linears(model, adapter_for(model))]
@@ -59,12 +54,12 @@ def test_every_weight_is_its_packed_codes_and_reloads_identically(family, tmp_pa
     for name, weight in quantized.items():
         # on the grid: the layer weight is exactly its codes, scales and zero points
         assert torch.equal(model.get_submodule(name).weight, weight.dequantize(torch.float32))
-    expected = logits(model, batches)
+    expected = tiny.logits(model, batches)
     assert 0 < relative_error(expected, dense) < 0.3
 
     save_quantized(model, quantized, str(tmp_path), settings={"wbits": 4, "groupsize": 16})
     for reloaded in (load_quantized(str(tmp_path)), load_model(str(tmp_path))):
-        assert torch.equal(logits(reloaded, batches), expected)
+        assert torch.equal(tiny.logits(reloaded, batches), expected)
         assert [adapter_for(reloaded).n_units(l) for l in adapter_for(reloaded).layers(reloaded)] == HEADS[family]
     config = json.load(open(tmp_path / "config.json"))
     assert config["stat_quantization"]["modules"] == sorted(names)
@@ -80,22 +75,22 @@ def test_every_weight_is_its_packed_codes_and_reloads_identically(family, tmp_pa
 def test_eight_bits_leave_the_model_nearly_unchanged():
     model = pruned("llama")
     batches = tiny.random_batches()
-    dense = logits(model, batches)
+    dense = tiny.logits(model, batches)
     four, eight = copy.deepcopy(model), copy.deepcopy(model)
     quantize_model(four, adapter_for(four), batches, "cpu", 4, progress=False)
     quantize_model(eight, adapter_for(eight), batches, "cpu", 8, progress=False)
-    assert relative_error(logits(eight, batches), dense) < 0.02
-    assert relative_error(logits(eight, batches), dense) < relative_error(logits(four, batches), dense) / 8
+    assert relative_error(tiny.logits(eight, batches), dense) < 0.02
+    assert relative_error(tiny.logits(eight, batches), dense) < relative_error(tiny.logits(four, batches), dense) / 8
 
 
 def test_gptq_beats_round_to_nearest_on_the_model():
     model = pruned("opt")
     batches = tiny.random_batches(n_batches=4, batch=8, length=16)
-    dense = logits(model, batches)
+    dense = tiny.logits(model, batches)
     gptq, rtn = copy.deepcopy(model), copy.deepcopy(model)
     quantize_model(gptq, adapter_for(gptq), batches, "cpu", 3, progress=False)
     quantize_model(rtn, adapter_for(rtn), None, "cpu", 3, nearest=True, progress=False)
-    assert relative_error(logits(gptq, batches), dense) < relative_error(logits(rtn, batches), dense)
+    assert relative_error(tiny.logits(gptq, batches), dense) < relative_error(tiny.logits(rtn, batches), dense)
 
 
 def test_nearest_is_round_to_nearest_of_each_linear():

@@ -1,7 +1,6 @@
 """What prune_opt.py, quantize_opt.py and opt_eval.py share: arguments, model and data
 loading, evaluation on every available set, and the result files output/opt/<model_name>.*."""
 import argparse
-import datetime
 import os
 
 import torch
@@ -105,16 +104,12 @@ def load(args, calibrate=True):
 
 def calibration_batches(args, tokenizer, seqlen):
     windows = lm.calibration_windows(args.task, tokenizer, args.nsamples, seqlen, args.seed, args.data_dir)
-    return [{"input_ids": windows[i:i + args.batch_size]} for i in range(0, len(windows), args.batch_size)]
+    return lm.window_batches(windows, args.batch_size)
 
 
 def perplexities(model, adapter, windows, device, batch_size, label):
     return {name: perplexity(model, adapter, w, device, batch_size, desc=f"{label} {name}")
             for name, w in windows.items()}
-
-
-def now():
-    return datetime.datetime.now().isoformat(timespec="seconds")
 
 
 def write(args, record, lines):

@@ -5,6 +5,7 @@ never leaves a half-written line or block behind; and runs that finish at the sa
 seed sweep in parallel) take turns under a lock on the folder, so none loses another's record.
 """
 import contextlib
+import datetime
 import fcntl
 import json
 import os
@@ -53,6 +54,11 @@ def append_result(stem, record, block):
     with _folder_lock(folder):
         _append_atomically(stem + ".jsonl", json.dumps(record, sort_keys=False) + "\n")
         _append_atomically(stem + ".txt", block.rstrip("\n") + "\n\n")
+
+
+def now():
+    """The time a record is written, to the second."""
+    return datetime.datetime.now().isoformat(timespec="seconds")
 
 
 def read_jsonl(path):

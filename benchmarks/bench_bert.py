@@ -17,11 +17,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from efficiency.latency import forward_seconds as dense_forward_seconds, measure_latency, peak_memory_mb  # noqa: E402
-from efficiency.macs import adapter_costs, model_macs, shape_of  # noqa: E402
+from efficiency.macs import adapter_costs, model_macs  # noqa: E402
 from evaluate.tasks import make_task  # noqa: E402
 from prerequisites.adapters import adapter_for  # noqa: E402
 from prerequisites.checkpoint import load_model, load_tokenizer  # noqa: E402
-from prune.pipeline import stat_prune  # noqa: E402
+from prune.stat import stat_prune  # noqa: E402
 from scripts.build_demo_classifier import DEFAULT_OUT, build_classifier  # noqa: E402
 
 # method/allocation/calibration[/share of the calibration set scored in pass 1, default stat_prune's];
@@ -50,7 +50,7 @@ def main():
     dense_model = load_model(model_dir)
     adapter = adapter_for(dense_model)
     costs = adapter_costs(adapter, task.mac_seq_len)
-    dense_macs = model_macs(*shape_of(dense_model, adapter), costs)
+    dense_macs = model_macs(*adapter.shape(dense_model), costs)
     calibrations = {seed: task.calibration_batches(dense_model, args.samples, seed) for seed in args.seeds}
     calibration = calibrations[args.seeds[0]]
 
@@ -75,13 +75,13 @@ def main():
                                     allocation=allocation, calibration=calibration_mode if method == "stat" else "sequential",
                                     progress=False, **scoring)
                 accuracies.append(task.evaluate(model, "cpu")["accuracy"])
-                ratio = model_macs(result.heads, result.neurons, costs) / dense_macs
+                ratio = model_macs(result.attn_units, result.neurons, costs) / dense_macs
                 assert ratio <= mu + 1e-9, (name, mu, ratio)
                 timings.setdefault(name, []).append(result.seconds)
                 if abs(mu - 0.5) < 1e-9 and seed == args.seeds[0]:
                     latency[name] = measure_latency(model, latency_batch, "cpu") / dense_latency
                 print(f"  mu {mu:.2f} {name:>{width}} seed {seed}: accuracy {accuracies[-1]:.4f} "
-                      f"(dense {dense_accuracy:.4f}), MACs {ratio:.4f}, heads {result.heads}, "
+                      f"(dense {dense_accuracy:.4f}), MACs {ratio:.4f}, heads {result.attn_units}, "
                       f"prune {result.seconds:.1f} s", flush=True)
             row += f"  {sum(accuracies) / len(accuracies):>{width}.4f}"
         table.append(row)

@@ -27,7 +27,7 @@ from efficiency.macs import adapter_costs, count_parameters  # noqa: E402
 from evaluate.perplexity import perplexity  # noqa: E402
 from prerequisites.adapters import adapter_for  # noqa: E402
 from prerequisites.checkpoint import load_model, load_tokenizer, save_pruned  # noqa: E402
-from prune.pipeline import stat_prune  # noqa: E402
+from prune.stat import stat_prune  # noqa: E402
 from quantize.sequential import quantize_model  # noqa: E402
 from quantize.storage import save_quantized, weights_size_mb  # noqa: E402
 from scripts.convert_smollm2 import convert  # noqa: E402

@@ -22,11 +22,12 @@ sys.path.insert(0, ROOT)
 
 from dataset import lm  # noqa: E402
 from efficiency.latency import RssPeak, forward_seconds as dense_forward_seconds  # noqa: E402
-from efficiency.macs import adapter_costs, model_macs, shape_of  # noqa: E402
+from efficiency.macs import adapter_costs, model_macs  # noqa: E402
 from evaluate.perplexity import perplexity  # noqa: E402
 from prerequisites.adapters import adapter_for  # noqa: E402
 from prerequisites.checkpoint import load_model, load_tokenizer  # noqa: E402
-from prune.pipeline import release_memory, stat_prune  # noqa: E402
+from prerequisites.layerwise import release_memory  # noqa: E402
+from prune.stat import stat_prune  # noqa: E402
 from scripts.convert_smollm2 import DEFAULT_OUT, convert  # noqa: E402
 
 
@@ -76,7 +77,7 @@ def main():
     dense = load_model(model_dir)
     adapter = adapter_for(dense)
     costs = adapter_costs(adapter, args.seqlen)
-    dense_macs = model_macs(*shape_of(dense, adapter), costs)
+    dense_macs = model_macs(*adapter.shape(dense), costs)
     batches = calibration(tokenizer, args)
     windows = lm.eval_windows(lm.eval_tokens("austen", tokenizer)["prideprejudice"], args.seqlen,
                               args.eval_windows)
@@ -95,11 +96,11 @@ def main():
             model = copy.deepcopy(dense)
             result = stat_prune(model, adapter, batches, costs, mu, "cpu", method=method, allocation=allocation,
                                 progress=False)
-            ratio = model_macs(result.heads, result.neurons, costs) / dense_macs
+            ratio = model_macs(result.attn_units, result.neurons, costs) / dense_macs
             row[variant] = perplexity(model, adapter, windows, "cpu", args.batch_size, progress=False)
             seconds[variant].append(result.seconds)
             print(f"  mu {mu:.2f} {variant:>20}: perplexity {row[variant]:.3f} ({row[variant] / dense_ppl - 1:+.1%}), "
-                  f"MACs {ratio:.4f}, KV groups {result.heads}, prune {result.seconds:.1f} s", flush=True)
+                  f"MACs {ratio:.4f}, KV groups {result.attn_units}, prune {result.seconds:.1f} s", flush=True)
         rows.append((mu, row))
 
     print(f"\nperplexity on prideprejudice (dense {dense_ppl:.3f}); method/allocation")

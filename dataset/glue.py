@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from utils.cli import UserError, not_utf8
+from utils.errors import UserError, not_utf8
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOVIE_SENTIMENT_DIR = os.path.join(ROOT, "data", "movie-sentiment")

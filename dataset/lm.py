@@ -43,7 +43,7 @@ from functools import lru_cache
 
 import torch
 
-from utils.cli import UserError, not_utf8
+from utils.errors import UserError, not_utf8
 
 LM_TASKS = ("wikitext2", "ptb-new", "c4-new", "text", "austen")
 STANDARD_TASKS = ("wikitext2", "ptb-new", "c4-new")

@@ -15,7 +15,7 @@ import random
 
 import torch
 
-from utils.cli import UserError, not_utf8
+from utils.errors import UserError, not_utf8
 
 VERSIONS = ("1.1", "2.0")
 SPLITS = ("train", "validation")

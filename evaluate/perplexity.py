@@ -10,21 +10,21 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dataset.lm import window_batches
-from prune.pipeline import capture_inputs, move_to, restore, run_layer
+from prerequisites.layerwise import capture_inputs, move_to, restore, run_layer
 
 
 @torch.no_grad()
 def window_nlls(model, adapter, windows, device, batch_size=1, progress=True, desc="perplexity"):
     """Mean next-token NLL of each window (windows: LongTensor (n, seqlen)), layer by layer."""
     batches = window_batches(windows, batch_size)
-    calib = capture_inputs(model, adapter, batches, device)
+    inputs = capture_inputs(model, adapter, batches, device)
     for layer in tqdm(adapter.layers(model), desc=desc, disable=not progress, leave=False):
         moved = move_to([layer], device)
-        run_layer(layer, calib)
+        run_layer(layer, inputs)
         restore(moved)
     moved = move_to(adapter.post_layer_modules(model), device)
     nlls = []
-    for x, batch in zip(calib.hidden, batches):
+    for x, batch in zip(inputs.hidden, batches):
         # One window at a time through the head: a window's logits (seqlen x vocab floats) are
         # the largest tensor of the whole evaluation, so a batch of them would set the peak.
         for hidden, tokens in zip(x, batch["input_ids"]):

@@ -12,7 +12,7 @@ from dataset import glue, squad
 from evaluate.glue import evaluate_task
 from evaluate.inputs import accepted_inputs
 from evaluate.squad import evaluate_squad
-from utils.cli import UserError
+from utils.errors import UserError
 
 SQUAD_VERSIONS = {"squad": "1.1", "squad_v2": "2.0"}
 SQUAD_MAC_SEQ_LEN = 170  # Kwon et al.'s choice for SQuAD

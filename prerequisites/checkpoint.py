@@ -1,65 +1,108 @@
-"""Loading dense checkpoints and saving/loading pruned ones (DESIGN.md §5).
+"""Loading dense checkpoints, and saving and loading pruned ones (DESIGN.md §5).
 
 A pruned checkpoint is a `save_pretrained` directory whose config.json also records each
-layer's head count (`stat_heads`, in units: heads, or KV groups) and FFN width (`stat_ffn`),
-plus an `auto_map` entry pointing to `modeling_stat.py`, a copy of prerequisites/adapters.py
-saved next to the weights. It therefore loads two ways:
+layer's unit counts (`stat_heads`, in attention units: heads, or KV groups; `stat_ffn`) and the
+shapes of its modules (`stat_layout`), plus an `auto_map` entry pointing to `modeling_stat.py`,
+a copy of prerequisites/modeling_stat.py saved next to the weights. It loads two ways:
 - here, with `load_model(dir)`: the Stat* class builds the stock model from the config,
-  shrinks each layer to its recorded shape, and the weights are loaded strictly;
+  reshapes it to the recorded layout, and the weights are loaded strictly;
 - anywhere, with `AutoModelFor...from_pretrained(dir, trust_remote_code=True)`.
+
+Checkpoints written before `stat_layout` existed record only `stat_heads`/`stat_ffn`: their
+layout is rebuilt from those counts by the family's adapter.
+
+Other storage formats (packed quantized weights, quantize/storage.py) plug in through
+`CheckpointFormat`: `load_model(path, formats=...)` hands a checkpoint to the first format that
+recognises its config, so this module never needs to know them.
 """
 import json
 import os
 import re
 import shutil
+from typing import Callable, NamedTuple
 
 import torch
 import transformers
 from safetensors import SafetensorError
 
-from prerequisites import adapters
-from utils.cli import UserError
+from prerequisites import modeling_stat
+from prerequisites.adapters import adapter_for
+from utils.errors import UserError
 
 MODELING_FILE = "modeling_stat.py"
 
 
-def record_shapes(model, adapter):
-    layers = adapter.layers(model)
-    model.config.stat_heads = [adapter.n_units(layer) for layer in layers]
-    model.config.stat_ffn = [adapter.n_neurons(layer) for layer in layers]
+class CheckpointFormat(NamedTuple):
+    """A storage format that `load_model` can hand a checkpoint to."""
+
+    recognizes: Callable  # (config) -> bool
+    load: Callable  # (path, config, dtype, device) -> model
 
 
-def stat_class_of(model):
-    for stock, (stat_class, auto_name) in adapters.STAT_CLASSES.items():
-        if isinstance(model, stock):
+def stat_class_of(stock_class):
+    """(the reshapable twin of a stock model class, the Auto class that loads it)."""
+    for stock, (stat_class, auto_name) in modeling_stat.STAT_CLASSES.items():
+        if issubclass(stock_class, stock):
             return stat_class, auto_name
-    raise ValueError(f"saving a pruned {type(model).__name__} is not supported")
+    raise UserError(f"pruned checkpoints of {stock_class.__name__} are not supported")
+
+
+def stock_class_of(model):
+    """The stock transformers class a (possibly reshaped) model is an instance of."""
+    for stock in modeling_stat.STAT_CLASSES:
+        if isinstance(model, stock):
+            return stock
+    raise UserError(f"pruned checkpoints of {type(model).__name__} are not supported")
+
+
+def record_shapes(model, config):
+    """Write the model's per-layer unit counts and module layout into `config`."""
+    adapter = adapter_for(model)
+    config.stat_heads, config.stat_ffn = adapter.shape(model)
+    config.stat_layout = adapter.layout(model)
 
 
 def save_pruned(model, path, tokenizer=None):
     """Write a pruned model so that it reloads with its per-layer shapes."""
-    adapter = adapters.adapter_for(model)
-    record_shapes(model, adapter)
-    stat_class, auto_name = stat_class_of(model)
+    record_shapes(model, model.config)
+    stat_class, auto_name = stat_class_of(stock_class_of(model))
     model.config.auto_map = {auto_name: f"modeling_stat.{stat_class.__name__}"}
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
-    shutil.copyfile(adapters.__file__, os.path.join(path, MODELING_FILE))
+    shutil.copyfile(modeling_stat.__file__, os.path.join(path, MODELING_FILE))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
 
 
-def _model_class(config):
-    """The stock class config.json names, or its pruned twin when the config records shapes."""
+def model_class(config):
+    """The class that builds this config's model: the stock class config.json names, or its
+    reshapable twin when the config records shapes (the layout is completed first for
+    checkpoints that record only unit counts)."""
     architecture = (config.architectures or [None])[0]
     if not (architecture and hasattr(transformers, architecture)):
         raise UserError(f"cannot tell which model class to build: config.json names {architecture!r}")
     stock = getattr(transformers, architecture)
     if getattr(config, "stat_heads", None) is None:
         return stock
-    if stock not in adapters.STAT_CLASSES:
-        raise UserError(f"pruned checkpoints of {architecture} are not supported")
-    return adapters.STAT_CLASSES[stock][0]
+    stat_class = stat_class_of(stock)[0]
+    if getattr(config, "stat_layout", None) is None:
+        config.stat_layout = _layout_from_counts(stock, config)
+    return stat_class
+
+
+def _layout_from_counts(stock, config):
+    """The layout of a checkpoint that records only stat_heads/stat_ffn: the stock model built
+    on the meta device (no memory), each layer resized by its adapter, read back."""
+    with torch.device("meta"):
+        model = stock(config)
+    adapter = adapter_for(config)
+    layers = adapter.layers(model)
+    heads, ffn = config.stat_heads, config.stat_ffn
+    if not (len(heads) == len(ffn) == len(layers)):
+        raise UserError(f"config records {len(heads)} head counts and {len(ffn)} FFN widths for {len(layers)} layers")
+    for layer, n_units, n_neurons in zip(layers, heads, ffn):
+        adapter.resize_layer(layer, n_units, n_neurons)
+    return adapter.layout(model)
 
 
 def load_config(path):
@@ -69,21 +112,19 @@ def load_config(path):
         raise UserError(f"cannot read the config of {path}: {' '.join(str(err).split())}")
 
 
-def load_model(path, dtype=None, device="cpu"):
+def load_model(path, dtype=None, device="cpu", formats=()):
     """Load a dense or pruned checkpoint (a folder, or a hub id in the local cache); every
-    weight must match (strict). A quantized checkpoint (quantize/storage.py) loads dequantized."""
+    weight must match (strict). `formats`: other storage formats to recognise (CheckpointFormat)."""
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
         raise UserError(f"not a checkpoint (no config.json): {path}")
     if not os.path.isdir(path) and not re.fullmatch(r"[\w-]+/[\w.-]+", path):
         raise UserError(f"checkpoint not found: {path}")
     config = load_config(path)
     try:
-        if getattr(config, "stat_quantization", None) is not None:
-            from quantize.storage import load_quantized  # imported here: quantize.storage imports this module
-
-            return load_quantized(path, dtype, device, config)
-        model_class = _model_class(config)
-        model, info = model_class.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
+        for fmt in formats:
+            if fmt.recognizes(config):
+                return fmt.load(path, config, dtype, device)
+        model, info = model_class(config).from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
     except (OSError, SafetensorError) as err:  # no weights file, or a truncated one
         raise UserError(f"cannot load checkpoint {path}: {' '.join(str(err).split())}")
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}

@@ -1,7 +1,9 @@
 """How many heads and neurons each layer keeps under a MAC budget μ (DESIGN.md §3).
 
-Every allocator takes the per-layer scores of the dense model and the MAC cost of one unit,
-and returns (heads_per_layer, neurons_per_layer) whose MACs do not exceed μ × the dense MACs.
+Every allocator takes the per-layer scores of the dense model and the MAC costs of one
+attention unit (a head, or with grouped-query attention a KV group) and of one FFN neuron, as
+plain numbers (efficiency/macs.py computes them), and returns (attention units per layer,
+neurons per layer) whose MACs do not exceed μ × the dense MACs.
 
 - `faithful`: the rule of the authors' published code, read as a method. Scores are weighted
   to protect early layers; for each candidate total head count the budget fixes the neuron
@@ -22,38 +24,27 @@ import numpy as np
 class LayerScores:
     """What pass 1 measures on one dense layer.
 
-    head_errors[i]: output-space error of keeping the best i heads (i = 0..H), non-increasing.
+    attn_errors[i]: output-space error of keeping the best i attention units (i = 0..H),
+    non-increasing.
     neuron_pivots[j]: what the (j+1)-th neuron of the scaled ID adds, non-increasing.
     neuron_errors[k]: error of the scaled ID keeping k neurons (k = 0..N), non-increasing.
     """
 
-    head_errors: np.ndarray
+    attn_errors: np.ndarray
     neuron_pivots: np.ndarray
     neuron_errors: np.ndarray
 
     @property
-    def n_heads(self):
-        return len(self.head_errors) - 1
+    def n_attn_units(self):
+        return len(self.attn_errors) - 1
 
     @property
     def n_neurons(self):
         return len(self.neuron_pivots)
 
 
-@dataclass
-class Costs:
-    """MACs of one head (or KV group) and of one FFN neuron, the same in every layer."""
-
-    head: float
-    neuron: float
-
-
-def dense_macs(scores, costs):
-    return sum(s.n_heads * costs.head + s.n_neurons * costs.neuron for s in scores)
-
-
-def macs_of(heads, neurons, costs):
-    return sum(heads) * costs.head + sum(neurons) * costs.neuron
+def dense_macs(scores, attn_cost, neuron_cost):
+    return sum(s.n_attn_units * attn_cost + s.n_neurons * neuron_cost for s in scores)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,7 +52,7 @@ def macs_of(heads, neurons, costs):
 
 
 def depth_weights(scores, scheme):
-    """Multipliers (for heads, for neurons) per layer that protect early layers.
+    """Multipliers (for attention units, for neurons) per layer that protect early layers.
 
     'sqrt' (BERT in the authors' code): sqrt(L − ℓ + 1) + 1 for layer ℓ = 1..L.
     'expfit' (OPT in the authors' code): divide each layer's scores by an exponential fit of
@@ -77,9 +68,9 @@ def depth_weights(scores, scheme):
         w = np.sqrt(L - np.arange(1, L + 1) + 1) + 1
         return w, w
     if scheme == "expfit":
-        head_size = np.array([s.head_errors[0] for s in scores])
+        attn_size = np.array([s.attn_errors[0] for s in scores])
         neuron_size = np.array([s.neuron_pivots.mean() if s.n_neurons else 0.0 for s in scores])
-        return 1.0 / _exp_fit(head_size), 1.0 / _exp_fit(neuron_size)
+        return 1.0 / _exp_fit(attn_size), 1.0 / _exp_fit(neuron_size)
     raise ValueError(f"unknown depth weighting {scheme!r}")
 
 
@@ -103,94 +94,94 @@ def _owners_by_value(values, owners):
     return owners[np.argsort(-values, kind="stable")]
 
 
-def faithful(scores, costs, mu, weighting="sqrt"):
+def faithful(scores, attn_cost, neuron_cost, mu, weighting="sqrt"):
     L = len(scores)
-    w_head, w_neuron = depth_weights(scores, weighting)
-    # value of the i-th head of a layer: the (weighted) error left when it is dropped too
-    head_values = np.concatenate([w_head[l] * s.head_errors[:-1] for l, s in enumerate(scores)])
-    head_owner = np.concatenate([np.full(s.n_heads, l) for l, s in enumerate(scores)])
+    w_attn, w_neuron = depth_weights(scores, weighting)
+    # value of the i-th unit of a layer: the (weighted) error left when it is dropped too
+    attn_values = np.concatenate([w_attn[l] * s.attn_errors[:-1] for l, s in enumerate(scores)])
+    attn_owner = np.concatenate([np.full(s.n_attn_units, l) for l, s in enumerate(scores)])
     neuron_values = np.concatenate([w_neuron[l] * s.neuron_pivots for l, s in enumerate(scores)])
     neuron_owner = np.concatenate([np.full(s.n_neurons, l) for l, s in enumerate(scores)])
-    sorted_head_values = np.sort(head_values)[::-1]
-    heads_by_value = _owners_by_value(head_values, head_owner)
+    sorted_attn_values = np.sort(attn_values)[::-1]
+    attn_by_value = _owners_by_value(attn_values, attn_owner)
     neurons_by_value = _owners_by_value(neuron_values, neuron_owner)
 
-    budget = mu * dense_macs(scores, costs)
+    budget = mu * dense_macs(scores, attn_cost, neuron_cost)
     best = None
-    for total_heads in range(len(head_values) + 1):
-        left = budget - total_heads * costs.head
+    for total_units in range(len(attn_values) + 1):
+        left = budget - total_units * attn_cost
         if left < 0:
             break
-        total_neurons = min(int(np.floor(left / costs.neuron + 1e-9)), len(neuron_values))
-        heads = np.bincount(heads_by_value[:total_heads], minlength=L)
+        total_neurons = min(int(np.floor(left / neuron_cost + 1e-9)), len(neuron_values))
+        units = np.bincount(attn_by_value[:total_units], minlength=L)
         neurons = np.bincount(neurons_by_value[:total_neurons], minlength=L)
-        head_cutoff = sorted_head_values[total_heads] if total_heads < len(head_values) else 0.0
+        attn_cutoff = sorted_attn_values[total_units] if total_units < len(attn_values) else 0.0
         neuron_residual = np.mean([w_neuron[l] * s.neuron_errors[neurons[l]] for l, s in enumerate(scores)])
-        gap = abs(head_cutoff - 2.0 * neuron_residual)
+        gap = abs(attn_cutoff - 2.0 * neuron_residual)
         if best is None or gap < best[0]:
-            best = (gap, heads, neurons)
+            best = (gap, units, neurons)
     return best[1].tolist(), best[2].tolist()
 
 
-def uniform(scores, costs, mu, weighting=None):
+def uniform(scores, attn_cost, neuron_cost, mu, weighting=None):
     L = len(scores)
-    heads = [int(np.floor(mu * s.n_heads + 1e-9)) for s in scores]
-    left = mu * dense_macs(scores, costs) - sum(heads) * costs.head
-    total = int(np.floor(left / costs.neuron + 1e-9))
+    units = [int(np.floor(mu * s.n_attn_units + 1e-9)) for s in scores]
+    left = mu * dense_macs(scores, attn_cost, neuron_cost) - sum(units) * attn_cost
+    total = int(np.floor(left / neuron_cost + 1e-9))
     # an even share per layer; the few left over go to the first layers
     neurons = [min(total // L + (l < total % L), s.n_neurons) for l, s in enumerate(scores)]
-    return heads, neurons
+    return units, neurons
 
 
-def greedy(scores, costs, mu, weighting="sqrt"):
-    """Knapsack by squared output error removed per MAC, over heads and neurons together.
+def greedy(scores, attn_cost, neuron_cost, mu, weighting="sqrt"):
+    """Knapsack by squared output error removed per MAC, over attention units and neurons together.
 
-    Each layer's heads (and neurons) must be kept as a prefix of their order, and the error
+    Each layer's units (and neurons) must be kept as a prefix of their order, and the error
     removed by successive units need not decrease; so each sequence is first cut into
     segments along its upper concave hull (whose gains per unit do decrease), and whole
     segments are taken best ratio first; the segment that does not fit is taken in part.
     """
-    return _knapsack(scores, costs, mu * dense_macs(scores, costs), weighting, kinds=("head", "neuron"))
+    budget = mu * dense_macs(scores, attn_cost, neuron_cost)
+    return _knapsack(scores, attn_cost, neuron_cost, budget, weighting, kinds=("attn", "neuron"))
 
 
-def ffn_greedy(scores, costs, mu, weighting="expfit"):
-    """Every head kept; the rest of the budget spent on neurons as `greedy` spends it.
+def ffn_greedy(scores, attn_cost, neuron_cost, mu, weighting="expfit"):
+    """Every attention unit kept; the rest of the budget spent on neurons as `greedy` spends it.
 
     On a Llama-family decoder (SmolLM2, README) dropping whole key/value groups hurt
     perplexity far more than their output error predicts, while neuron errors were
-    faithful. When μ is too small to keep every head, this is `greedy`.
+    faithful. When μ is too small to keep every unit, this is `greedy`.
     """
-    heads = [s.n_heads for s in scores]
-    budget = mu * dense_macs(scores, costs) - sum(heads) * costs.head
+    units = [s.n_attn_units for s in scores]
+    budget = mu * dense_macs(scores, attn_cost, neuron_cost) - sum(units) * attn_cost
     if budget < 0:
-        return greedy(scores, costs, mu, weighting)
-    _, neurons = _knapsack(scores, costs, budget, weighting, kinds=("neuron",))
-    return heads, neurons
+        return greedy(scores, attn_cost, neuron_cost, mu, weighting)
+    _, neurons = _knapsack(scores, attn_cost, neuron_cost, budget, weighting, kinds=("neuron",))
+    return units, neurons
 
 
-def _knapsack(scores, costs, budget, weighting, kinds):
+def _knapsack(scores, attn_cost, neuron_cost, budget, weighting, kinds):
     L = len(scores)
-    w_head, w_neuron = depth_weights(scores, weighting)
+    w_attn, w_neuron = depth_weights(scores, weighting)
+    cost = {"attn": attn_cost, "neuron": neuron_cost}
     items = []  # (gain per MAC, layer, kind, units in the segment)
     for l, s in enumerate(scores):
-        for kind, errors, weight, cost in (("head", s.head_errors, w_head[l], costs.head),
-                                           ("neuron", s.neuron_errors, w_neuron[l], costs.neuron)):
+        for kind, errors, weight in (("attn", s.attn_errors, w_attn[l]), ("neuron", s.neuron_errors, w_neuron[l])):
             if kind not in kinds:
                 continue
             removed = (weight * errors[0]) ** 2 - (weight * np.asarray(errors)) ** 2  # cumulative, k = 0..n
-            for units, gain in _concave_segments(removed):
-                items.append((gain / (units * cost), l, kind, units))
+            for count, gain in _concave_segments(removed):
+                items.append((gain / (count * cost[kind]), l, kind, count))
     items.sort(key=lambda item: -item[0])
-    heads, neurons = np.zeros(L, dtype=int), np.zeros(L, dtype=int)
+    kept = {"attn": np.zeros(L, dtype=int), "neuron": np.zeros(L, dtype=int)}
     left = budget
-    for _, l, kind, units in items:
-        cost = costs.head if kind == "head" else costs.neuron
-        take = min(units, int(np.floor(left / cost + 1e-9)))
+    for _, l, kind, count in items:
+        take = min(count, int(np.floor(left / cost[kind] + 1e-9)))
         if take <= 0:
             continue
-        (heads if kind == "head" else neurons)[l] += take
-        left -= take * cost
-    return heads.tolist(), neurons.tolist()
+        kept[kind][l] += take
+        left -= take * cost[kind]
+    return kept["attn"].tolist(), kept["neuron"].tolist()
 
 
 def _concave_segments(cumulative):

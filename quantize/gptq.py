@@ -20,7 +20,14 @@ def _compute_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
-def _check_groupsize(groupsize):
+def check_bits(bits):
+    """The one check of a bit width (the quantizer, the packer and the CLI all use it)."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+
+
+def check_groupsize(groupsize):
+    """The one check of a group size (the quantizer and the CLI both use it)."""
     if groupsize != -1 and groupsize <= 0:
         raise ValueError(f"groupsize must be -1 (one group per row) or positive, got {groupsize}")
 
@@ -40,8 +47,7 @@ class Quantizer:
     """
 
     def __init__(self, bits: int, sym: bool = False):
-        if not 1 <= bits <= 8:
-            raise ValueError(f"bits must be in 1..8, got {bits}")
+        check_bits(bits)
         self.bits = bits
         self.sym = sym
         self.maxq = 2**bits - 1
@@ -140,7 +146,7 @@ class GPTQ:
             raise RuntimeError("quantize after free()")
         if self.nsamples == 0:
             raise RuntimeError("quantize needs at least one add_batch with a non-empty input")
-        _check_groupsize(groupsize)
+        check_groupsize(groupsize)
         columns = self.columns
         device = self.H.device
         W = self.layer.weight.detach().to(self.dtype).clone()
@@ -238,7 +244,7 @@ def _current_weights(W, W1, Err1, Hinv, i1, i2, start, end):
 
 def rtn_quantize(layer: nn.Linear, wbits: int, groupsize: int = -1, sym: bool = False) -> QuantResult:
     """Round every weight to the nearest point of its row's (or group's) min-max grid."""
-    _check_groupsize(groupsize)
+    check_groupsize(groupsize)
     W = layer.weight.detach().to(_compute_dtype(layer.weight.dtype))
     columns = W.shape[1]
     step = columns if groupsize == -1 else groupsize

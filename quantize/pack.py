@@ -19,19 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from quantize.gptq import default_group_index
+from quantize.gptq import check_bits, default_group_index
 
 _META = "qmeta"
 
 
-def _check_bits(bits):
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be in 1..8, got {bits}")
-
-
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in [0, 2^bits) into a flat uint8 tensor of ceil(numel * bits / 8) bytes."""
-    _check_bits(bits)
+    check_bits(bits)
     flat = codes.reshape(-1)
     # Compared as Python ints: 2**8 does not fit a uint8 tensor's dtype.
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
@@ -50,7 +45,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_codes(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
     """Inverse of pack_codes: uint8 codes of the given shape (convert before subtracting)."""
-    _check_bits(bits)
+    check_bits(bits)
     shape = tuple(shape)
     n = math.prod(shape)
     if packed.numel() != math.ceil(n * bits / 8):

@@ -17,21 +17,15 @@ import dataclasses
 import torch
 from tqdm.auto import tqdm
 
-from prune.pipeline import capture_inputs, move_to, restore, run_layer
+from prerequisites.layerwise import capture_inputs, move_to, restore, run_layer
 from quantize.gptq import GPTQ, rtn_quantize
 from quantize.pack import QuantizedWeight
-
-
-def layer_names(model, adapter):
-    """The full module name of each layer, e.g. 'model.layers.3'."""
-    names = {id(module): name for name, module in model.named_modules()}
-    return [names[id(layer)] for layer in adapter.layers(model)]
 
 
 def quantized_linears(model, adapter):
     """(full module name, module) of every linear the quantization covers, layer by layer."""
     out = []
-    for layer_name, layer in zip(layer_names(model, adapter), adapter.layers(model)):
+    for layer_name, layer in zip(adapter.layer_names(model), adapter.layers(model)):
         for group in adapter.linear_groups(layer):
             out.extend((f"{layer_name}.{path}", adapter.get(layer, path)) for path in group)
     return out
@@ -48,8 +42,8 @@ def quantize_model(model, adapter, batches, device, wbits, groupsize=-1, sym=Fal
     """
     model.eval()
     layers = adapter.layers(model)
-    names = layer_names(model, adapter)
-    calib = None if nearest else capture_inputs(model, adapter, list(batches), device)
+    names = adapter.layer_names(model)
+    inputs = None if nearest else capture_inputs(model, adapter, list(batches), device)
     quantized = {}
     for layer_name, layer in zip(names, tqdm(layers, desc="quantize", disable=not progress)):
         moved = move_to([layer], device)
@@ -57,16 +51,16 @@ def quantize_model(model, adapter, batches, device, wbits, groupsize=-1, sym=Fal
         if nearest:
             results = {path: rtn_quantize(adapter.get(layer, path), wbits, groupsize, sym) for path in paths}
         else:
-            results = _gptq_layer(adapter, layer, paths, calib, wbits, groupsize, sym, act_order, percdamp)
+            results = _gptq_layer(adapter, layer, paths, inputs, wbits, groupsize, sym, act_order, percdamp)
             # The next layer is calibrated on the outputs of this one as quantized.
-            run_layer(layer, calib)
+            run_layer(layer, inputs)
         for path, result in results.items():
             quantized[f"{layer_name}.{path}"] = _on_cpu(QuantizedWeight.from_result(result))
         restore(moved)
     return quantized
 
 
-def _gptq_layer(adapter, layer, paths, calib, wbits, groupsize, sym, act_order, percdamp):
+def _gptq_layer(adapter, layer, paths, inputs, wbits, groupsize, sym, act_order, percdamp):
     """One pass of the dense layer over all batches to collect every linear's inputs, then GPTQ."""
     gptq = {path: GPTQ(adapter.get(layer, path)) for path in paths}
     current = {}  # the padding mask of the batch being run, read by the hooks
@@ -78,7 +72,7 @@ def _gptq_layer(adapter, layer, paths, calib, wbits, groupsize, sym, act_order, 
 
     handles = [adapter.get(layer, path).register_forward_hook(hook_for(path)) for path in paths]
     try:
-        for x, extras, mask in zip(calib.hidden, calib.extras, calib.masks):
+        for x, extras, mask in zip(inputs.hidden, inputs.extras, inputs.masks):
             current["mask"] = mask
             layer(x, **extras)
     finally:

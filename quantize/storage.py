@@ -13,7 +13,8 @@ A quantized checkpoint is a folder with
 
 The weights file deliberately does not have the name `from_pretrained` looks for: a stock
 loader would otherwise leave the quantized weights randomly initialised. Load with
-`load_quantized(dir)`, or `prerequisites.checkpoint.load_model(dir)`, which dispatches here.
+`load_quantized(dir)`, or `prerequisites.checkpoint.load_model(dir, formats=[QUANTIZED])`,
+which hands it here.
 """
 import copy
 import os
@@ -21,11 +22,9 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-from efficiency.macs import shape_of
-from prerequisites import adapters
-from prerequisites.checkpoint import _model_class, load_config
+from prerequisites.checkpoint import CheckpointFormat, load_config, model_class, record_shapes, stock_class_of
 from quantize.pack import QuantizedWeight, quantized_prefixes
-from utils.cli import UserError
+from utils.errors import UserError
 
 WEIGHTS_FILE = "stat_quantized.safetensors"
 
@@ -43,20 +42,12 @@ def _duplicates(state):
     return duplicates
 
 
-def _stock_class_name(model):
-    for stock in adapters.STAT_CLASSES:
-        if isinstance(model, stock):
-            return stock.__name__
-    raise ValueError(f"saving a quantized {type(model).__name__} is not supported")
-
-
 def save_quantized(model, quantized, path, tokenizer=None, settings=None):
     """Write `model` with the modules named in `quantized` ({name: QuantizedWeight}) packed.
 
     `settings` (e.g. wbits, groupsize, sym, act_order, nearest, percdamp) is recorded in the
     config as it is. The model's weights must be the dequantized ones (as quantize_model leaves them).
     """
-    adapter = adapters.adapter_for(model)
     state = model.state_dict()
     for name in quantized:
         if name + ".weight" not in state:
@@ -68,8 +59,8 @@ def save_quantized(model, quantized, path, tokenizer=None, settings=None):
 
     # A copy, so saving leaves the model's own config as it was.
     config = copy.deepcopy(model.config)
-    config.architectures = [_stock_class_name(model)]
-    config.stat_heads, config.stat_ffn = shape_of(model, adapter)
+    config.architectures = [stock_class_of(model).__name__]
+    record_shapes(model, config)
     config.stat_quantization = {
         **(settings or {}),
         "dtype": str(model.dtype).removeprefix("torch."),
@@ -120,7 +111,7 @@ def load_quantized(path, dtype=None, device="cpu", config=None):
 
     # Built in float32 (the random initial weights are all overwritten below); the float
     # tensors convert exactly into it and are cast back to the saved dtype at the end.
-    model = _model_class(config)(config).float()
+    model = model_class(config)(config).float()
     allowed_missing = {name + ".weight" for name in modules} | _duplicates(model.state_dict())
     try:
         result = model.load_state_dict(state, strict=False)
@@ -138,6 +129,10 @@ def load_quantized(path, dtype=None, device="cpu", config=None):
             linear.weight.copy_(weight.dequantize(linear.weight.dtype))
     dtype = dtype or getattr(torch, info.get("dtype", "float32"))
     return model.to(device=device, dtype=dtype).eval()
+
+
+QUANTIZED = CheckpointFormat(recognizes=is_quantized,
+                             load=lambda path, config, dtype, device: load_quantized(path, dtype, device, config))
 
 
 def weights_size_mb(path):

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import tiny
 from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import load_model, save_pruned
-from prune.pipeline import capture_inputs
+from prerequisites.layerwise import capture_inputs
 
 FAMILIES = {"bert": tiny.bert, "distilbert": tiny.distilbert, "opt": tiny.opt, "llama": tiny.llama}
 
@@ -40,9 +40,9 @@ def shrink(model, heads, neurons, seed=0):
     adapter = adapter_for(model)
     g = torch.Generator().manual_seed(seed)
     for layer, h, n in zip(adapter.layers(model), heads, neurons):
-        keep_units = torch.sort(torch.randperm(adapter.n_units(layer), generator=g)[:h]).values
-        dims = (keep_units[:, None] * adapter.unit_dims() + torch.arange(adapter.unit_dims())).reshape(-1)
-        adapter.prune_heads(layer, keep_units, adapter.get(layer, adapter.head_consumer).weight[:, dims])
+        keep_units = torch.sort(torch.randperm(adapter.n_attn_units(layer), generator=g)[:h]).values
+        dims = (keep_units[:, None] * adapter.attn_unit_dims() + torch.arange(adapter.attn_unit_dims())).reshape(-1)
+        adapter.prune_attn_units(layer, keep_units, adapter.get(layer, adapter.attn_consumer).weight[:, dims])
         keep = torch.sort(torch.randperm(adapter.n_neurons(layer), generator=g)[:n]).values
         adapter.prune_neurons(layer, keep, adapter.get(layer, adapter.ffn_consumer).weight[:, keep])
     return model
@@ -55,7 +55,7 @@ def test_pruned_shapes_are_real(family):
     before = sum(p.numel() for p in model.parameters())
     shrink(model, [1, 0, 2], [10, 0, 33])
     layers = adapter.layers(model)
-    assert [adapter.n_units(l) for l in layers] == [1, 0, 2]
+    assert [adapter.n_attn_units(l) for l in layers] == [1, 0, 2]
     assert [adapter.n_neurons(l) for l in layers] == [10, 0, 33]
     assert sum(p.numel() for p in model.parameters()) < before
     with torch.no_grad():
@@ -76,7 +76,7 @@ def test_a_bert_layer_with_nothing_left_adds_only_biases():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pruned_checkpoint_reloads_with_identical_logits(family, tmp_path):
     model = FAMILIES[family]()
-    all_units = adapter_for(model).n_units(adapter_for(model).layers(model)[0])
+    all_units = adapter_for(model).n_attn_units(adapter_for(model).layers(model)[0])
     shrink(model, [all_units, 0, 1], [50, 7, 0])
     batch = tiny.random_batches(n_batches=1, pad=family in ("bert", "distilbert"))[0]
     with torch.no_grad():
@@ -88,7 +88,7 @@ def test_pruned_checkpoint_reloads_with_identical_logits(family, tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).logits, expected)
         assert torch.equal(remote(**batch).logits, expected)
-    assert [adapter_for(reloaded).n_units(l) for l in adapter_for(reloaded).layers(reloaded)] == [all_units, 0, 1]
+    assert [adapter_for(reloaded).n_attn_units(l) for l in adapter_for(reloaded).layers(reloaded)] == [all_units, 0, 1]
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])

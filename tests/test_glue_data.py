@@ -9,7 +9,7 @@ import torch
 
 from dataset.glue import (Example, TASKS, batches, collate, encode, get_task, load_examples,
                           sample_calibration)
-from utils.cli import UserError
+from utils.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from dataset import lm
-from utils.cli import UserError
+from utils.errors import UserError
 
 GPT2_BPE = os.path.join(lm.REPO_ROOT, "data", "gpt2-bpe")
 LONG_WARNING = "sequence-length-is-longer-than-the-specified-maximum"

@@ -7,9 +7,10 @@ import scipy.linalg
 import torch
 
 import tiny
-from efficiency.macs import adapter_costs, model_macs, shape_of
+from efficiency.macs import adapter_costs, model_macs
 from prerequisites.adapters import adapter_for
-from prune.pipeline import capture_inputs, prune_sequential, stat_prune
+from prerequisites.layerwise import capture_inputs
+from prune.stat import prune_sequential, stat_prune
 
 FAMILIES = {"bert": tiny.bert, "distilbert": tiny.distilbert, "opt": tiny.opt, "llama": tiny.llama}
 
@@ -23,7 +24,7 @@ def test_mu_one_changes_nothing(family, method):
     adapter = adapter_for(model)
     result = stat_prune(model, adapter, batches, adapter_costs(adapter, 12), 1.0, "cpu", method=method,
                         progress=False)
-    assert result.heads == [adapter.n_units(l) for l in adapter.layers(model)]
+    assert result.attn_units == [adapter.n_attn_units(l) for l in adapter.layers(model)]
     assert torch.equal(tiny.logits(model, batches), expected)
 
 
@@ -32,8 +33,8 @@ def duplicate_units(model):
     adapter = adapter_for(model)
     with torch.no_grad():
         for layer in adapter.layers(model):
-            half = adapter.n_units(layer) // 2
-            for path, rows in adapter.head_producers():
+            half = adapter.n_attn_units(layer) // 2
+            for path, rows in adapter.attn_unit_producers():
                 lin = adapter.get(layer, path)
                 lin.weight[half * rows:2 * half * rows] = lin.weight[:half * rows]
                 if lin.bias is not None:
@@ -53,11 +54,11 @@ def test_duplicated_heads_and_neurons_prune_without_changing_the_output(family):
     adapter = adapter_for(model)
     batches = tiny.random_batches(n_batches=4, batch=8, length=16)
     expected = tiny.logits(model, batches)
-    units, neurons = shape_of(model, adapter)
+    units, neurons = adapter.shape(model)
     calib = capture_inputs(model, adapter, batches, "cpu")
     prune_sequential(model, adapter, calib, [u // 2 for u in units], [n // 2 for n in neurons], "cpu",
                      progress=False)
-    assert shape_of(model, adapter) == ([u // 2 for u in units], [n // 2 for n in neurons])
+    assert adapter.shape(model) == ([u // 2 for u in units], [n // 2 for n in neurons])
     got = tiny.logits(model, batches)
     assert torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
     # ...whereas dropping the same number of units without the correction changes it
@@ -77,7 +78,7 @@ def test_bert_layer_zero_matches_an_independent_computation():
     model = copy.deepcopy(dense)
     adapter = adapter_for(model)
     result = stat_prune(model, adapter, batches, adapter_costs(adapter, 16), 0.5, "cpu", progress=False)
-    h_keep, n_keep = result.heads[0], result.neurons[0]
+    h_keep, n_keep = result.attn_units[0], result.neurons[0]
     assert 0 < h_keep < 4 and 0 < n_keep < 48
 
     layer, pruned = dense.bert.encoder.layer[0], model.bert.encoder.layer[0]
@@ -162,9 +163,9 @@ def test_achieved_macs_never_exceed_the_target(family, allocation):
     model = FAMILIES[family]()
     adapter = adapter_for(model)
     costs = adapter_costs(adapter, 12)
-    dense_macs = model_macs(*shape_of(model, adapter), costs)
+    dense_macs = model_macs(*adapter.shape(model), costs)
     stat_prune(model, adapter, tiny.random_batches(), costs, 0.4, "cpu", allocation=allocation, progress=False)
-    ratio = model_macs(*shape_of(model, adapter), costs) / dense_macs
+    ratio = model_macs(*adapter.shape(model), costs) / dense_macs
     assert 0.3 < ratio <= 0.4 + 1e-12
 
 
@@ -177,9 +178,9 @@ def test_pruning_a_model_with_empty_blocks_again(family):
     adapter = adapter_for(model)
     batches = tiny.random_batches()
     costs = adapter_costs(adapter, 12)
-    before = model_macs(*shape_of(model, adapter), costs)
+    before = model_macs(*adapter.shape(model), costs)
     stat_prune(model, adapter, batches, costs, 0.6, "cpu", progress=False)
-    heads, neurons = shape_of(model, adapter)
+    heads, neurons = adapter.shape(model)
     assert heads[0] == 0 and neurons[1] == 0
     assert model_macs(heads, neurons, costs) <= 0.6 * before
     assert torch.isfinite(tiny.logits(model, batches)).all()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+import pipelines.encoder
 import prune_bert
 import tiny
 from prerequisites.checkpoint import load_model
@@ -73,6 +74,7 @@ def test_end_to_end_on_a_tiny_model(checkpoints, tmp_path, model_name, task):
                 "params_pruned", "prune_seconds", "latency_dense_ms", "latency_pruned_ms", "device"):
         assert key in first, key
     assert first["method"] == "stat" and second["method"] == "magnitude"
+    assert first["argv"] == ["prune_bert.py", *argv] and "transformers" in first["versions"]
     assert first["seed"] == 3 and first["sample_batch_size"] == 16 and first["mu"] == 0.5
     assert 0 < first["mac_ratio"] <= 0.5
     assert first["params_pruned"] < first["params_dense"]
@@ -106,7 +108,7 @@ def run_cli(argv, capsys):
     (["--model_dir", "/nonexistent/checkpoint"], "checkpoint not found"),
 ])
 def test_bad_input_gives_one_line_and_exit_status_2(checkpoints, tmp_path, capsys, monkeypatch, bad, expected):
-    monkeypatch.setattr(prune_bert, "load_model", tiny.model_loaded)  # every check comes before the model loads
+    monkeypatch.setattr(pipelines.encoder, "load_model", tiny.model_loaded)  # every check comes before the model loads
     data = str(tmp_path / "SST-2")
     write_sst2(data)
     argv = {"--model_name": "tiny-bert", "--task_name": "sst2", "--mu": "0.5",
@@ -130,7 +132,7 @@ def test_malformed_data_file(checkpoints, tmp_path, capsys):
 
 @pytest.mark.parametrize("flag", ["--save_model", "--output_dir"])
 def test_output_paths_under_a_file_fail_before_any_work(checkpoints, tmp_path, capsys, monkeypatch, flag):
-    monkeypatch.setattr(prune_bert, "load_model", tiny.model_loaded)
+    monkeypatch.setattr(pipelines.encoder, "load_model", tiny.model_loaded)
     data = str(tmp_path / "SST-2")
     write_sst2(data)
     a_file = tmp_path / "a_file"

@@ -7,10 +7,10 @@ import torch
 from transformers import AutoTokenizer
 
 import opt_eval
+import pipelines.decoder
 import prune_opt
 import quantize_opt
 import tiny
-import utils.decoder_cli
 from dataset.lm import AUSTEN_DIR
 from evaluate.perplexity import perplexity
 from prerequisites.adapters import adapter_for
@@ -60,6 +60,7 @@ def test_prune_opt_end_to_end(setup, tmp_path, name):
                 "prune_seconds", "peak_memory_mb", "device"):
         assert key in line, key
     assert line["seqlen"] == 64 and line["nsamples"] == 8 and 0 < line["mac_ratio"] <= 0.6
+    assert line["argv"] == ["prune_opt.py", *argv] and "git_commit" in line
     assert set(line["ppl_dense"]) == {"text"} and line["ppl_pruned"]["text"] > 0
     assert line["params_pruned"] < line["params_dense"]
     assert "perplexity text: dense" in open(os.path.join(out, "opt", f"{name}.txt")).read()
@@ -135,7 +136,7 @@ def test_output_paths_under_a_file_are_refused_when_parsing(script, flag, tmp_pa
 @pytest.mark.parametrize("train,expected", [(None, "no train.txt"), ("Too short.", "fewer than the 65")])
 def test_calibration_text_is_checked_before_the_model_loads(setup, tmp_path, capsys, monkeypatch, script, train,
                                                             expected):
-    monkeypatch.setattr(utils.decoder_cli, "load_model", tiny.model_loaded)
+    monkeypatch.setattr(pipelines.decoder, "load_model", tiny.model_loaded)
     data = tmp_path / "data"
     data.mkdir()
     (data / "test.txt").write_text(open(os.path.join(setup["data"], "test.txt")).read())

@@ -15,9 +15,9 @@ from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import load_model, save_pruned
 from quantize.gptq import rtn_quantize
 from quantize.sequential import quantize_model, quantized_linears
-from quantize.storage import WEIGHTS_FILE, load_quantized, save_quantized, weights_size_mb
+from quantize.storage import QUANTIZED, WEIGHTS_FILE, load_quantized, save_quantized, weights_size_mb
 from test_adapters import shrink
-from utils.cli import UserError
+from utils.errors import UserError
 
 FAMILIES = {"opt": tiny.opt, "llama": tiny.llama}
 # Uneven shapes: a layer with every head, one with no attention and no FFN, one with a single unit.
@@ -58,9 +58,9 @@ def test_every_weight_is_its_packed_codes_and_reloads_identically(family, tmp_pa
     assert 0 < relative_error(expected, dense) < 0.3
 
     save_quantized(model, quantized, str(tmp_path), settings={"wbits": 4, "groupsize": 16})
-    for reloaded in (load_quantized(str(tmp_path)), load_model(str(tmp_path))):
+    for reloaded in (load_quantized(str(tmp_path)), load_model(str(tmp_path), formats=[QUANTIZED])):
         assert torch.equal(tiny.logits(reloaded, batches), expected)
-        assert [adapter_for(reloaded).n_units(l) for l in adapter_for(reloaded).layers(reloaded)] == HEADS[family]
+        assert [adapter_for(reloaded).n_attn_units(l) for l in adapter_for(reloaded).layers(reloaded)] == HEADS[family]
     config = json.load(open(tmp_path / "config.json"))
     assert config["stat_quantization"]["modules"] == sorted(names)
     assert config["stat_quantization"]["wbits"] == 4

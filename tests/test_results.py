@@ -46,3 +46,21 @@ def test_a_failed_write_changes_nothing(tmp_path):
     assert read_jsonl(stem + ".jsonl") == [{"a": 1}]
     assert open(stem + ".txt").read() == "first\n\n"
     assert sorted(os.listdir(tmp_path)) == ["m.jsonl", "m.txt"]
+
+
+def test_provenance_names_the_command_the_code_and_the_versions():
+    import subprocess
+
+    from utils.results import REPO_ROOT, provenance
+
+    record = provenance(["prune_bert.py", "--mu", "0.5"])
+    assert record["argv"] == ["prune_bert.py", "--mu", "0.5"]
+    head = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert record["git_commit"] == head.stdout.strip() and isinstance(record["git_dirty"], bool)
+    import torch
+    import transformers
+
+    assert record["versions"]["torch"] == torch.__version__.split("+")[0] or \
+        record["versions"]["torch"] == torch.__version__
+    assert record["versions"]["transformers"] == transformers.__version__

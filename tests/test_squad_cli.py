@@ -13,6 +13,7 @@ import torch
 from transformers import AutoTokenizer
 
 import evaluate.tasks
+import pipelines.encoder
 import prune_bert
 import tiny
 from dataset.squad import collate, load_squad, prepare_eval_features
@@ -129,7 +130,7 @@ def test_end_to_end_on_a_tiny_qa_model(checkpoints, tokenizer, tmp_path, monkeyp
 
     # Count the scoring passes, and keep hold of the pruned model when it is saved.
     scored_models, saved_models = [], []
-    real_save = prune_bert.save_pruned
+    real_save = pipelines.encoder.save_pruned
 
     def counting_evaluate(model, *args, **kwargs):
         scored_models.append(model)
@@ -140,7 +141,7 @@ def test_end_to_end_on_a_tiny_qa_model(checkpoints, tokenizer, tmp_path, monkeyp
         return real_save(model, *args, **kwargs)
 
     monkeypatch.setattr(evaluate.tasks, "evaluate_squad", counting_evaluate)
-    monkeypatch.setattr(prune_bert, "save_pruned", keeping_save)
+    monkeypatch.setattr(pipelines.encoder, "save_pruned", keeping_save)
 
     out, saved = str(tmp_path / "output"), str(tmp_path / "pruned")
     mu = 0.5

@@ -9,7 +9,7 @@ import torch
 
 from dataset.squad import (batches, collate, load_squad, prepare_eval_features,
                            prepare_train_features, sample_calibration_features)
-from utils.cli import UserError
+from utils.errors import UserError
 
 # A context long enough to need several windows at max_length 64; the answer sits near the end.
 LONG_CONTEXT = " ".join(f"Sentence number {i} talks about nothing in particular." for i in range(12))

@@ -1,4 +1,6 @@
-"""What every entry script shares: one-line errors, argument types, device choice, seeding."""
+"""What every entry script shares: one-line errors, argparse value types, device choice, seeding.
+
+A leaf: it imports nothing of the project but utils.errors."""
 import argparse
 import os
 import random
@@ -7,35 +9,16 @@ import sys
 import numpy as np
 import torch
 
-
-class UserError(Exception):
-    """Bad input from the user (missing file, unknown task, malformed data...).
-
-    Entry scripts report it as one line on stderr and exit with status 2, without a traceback.
-    """
+from utils.errors import UserError
 
 
-def add_stat_arguments(p):
-    """The flags that choose how STAT prunes, shared by prune_bert.py, prune_opt.py, quantize_opt.py."""
-    from prune.allocation import ALLOCATORS
-    from prune.pipeline import CALIBRATIONS, METHODS
-
-    p.add_argument("--method", choices=METHODS, default="stat",
-                   help="stat: interpolative decompositions with corrections; magnitude: same allocation, "
-                        "units ranked by weight norms, no correction")
-    p.add_argument("--allocation", choices=list(ALLOCATORS),
-                   help="how the MAC budget is shared across layers: greedy (error removed per MAC; the "
-                        "default for encoders), ffn_greedy (all heads kept; the default for decoders), "
-                        "faithful (the rule of the authors' code), uniform")
-    p.add_argument("--calibration", choices=CALIBRATIONS, default="sequential",
-                   help="sequential: each layer's IDs measured on the pruned layers below; dense_ffn: FFN IDs "
-                        "from the dense model; one_shot: all IDs from the dense model (fastest)")
-    p.add_argument("--score_fraction", type=fraction_value, default=0.25,
-                   help="share of the calibration set that pass 1 scores the dense model on (for the "
-                        "allocation; pass 2 always uses all of it)")
-    p.add_argument("--sketch", type=positive_int, metavar="ROWS",
-                   help="CountSketch each batch's activations to this many rows before its Gram product "
-                        "(approximate; for very long calibration sets)")
+def parse_command(parser, argv, script):
+    """parser.parse_args(argv), with the command line the run was given as `args.command`
+    (the script's name, then its arguments), for the run's record."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    args.command = [script, *argv]
+    return args
 
 
 def run_main(main):
@@ -137,8 +120,3 @@ def require_dir(path, what):
     if not os.path.isdir(path):
         raise UserError(f"{what} not found: {path}")
     return path
-
-
-def not_utf8(path, err):
-    """The UserError for a data file that fails to decode (err: its UnicodeDecodeError)."""
-    return UserError(f"{path} is not UTF-8 text ({err.reason})")

@@ -7,9 +7,15 @@ seed sweep in parallel) take turns under a lock on the folder, so none loses ano
 import contextlib
 import datetime
 import fcntl
+import functools
+import importlib.metadata
 import json
 import os
+import platform
+import subprocess
 import tempfile
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @contextlib.contextmanager
@@ -64,3 +70,36 @@ def now():
 def read_jsonl(path):
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def provenance(command):
+    """How a record was made: the command line, the code (git commit, and whether the tree had
+    uncommitted changes) and the versions of the libraries that change results."""
+    commit, dirty = _git_state()
+    return {"argv": list(command), "git_commit": commit, "git_dirty": dirty, "versions": _versions()}
+
+
+@functools.lru_cache(maxsize=1)
+def _git_state():
+    def git(*args):
+        return subprocess.run(["git", "-C", REPO_ROOT, *args], capture_output=True, text=True, timeout=10)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:  # not a git checkout (an unpacked archive)
+            return None, None
+        status = git("status", "--porcelain", "--untracked-files=no")
+        return head.stdout.strip(), bool(status.stdout.strip())
+    except (OSError, subprocess.TimeoutExpired):  # no git on this machine
+        return None, None
+
+
+@functools.lru_cache(maxsize=1)
+def _versions():
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "numpy", "scipy"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions

@@ -1,0 +1,234 @@
+"""The STAT pipeline (DESIGN.md §4), layer by layer, for any model an adapter describes.
+
+1. Capture the inputs of the first layer for every calibration batch.
+2. Pass 1, on the dense model: run the layers one at a time over all batches, feeding each
+   layer's two UnitPruners (attention units, FFN neurons), and score the units; allocate the
+   budget across layers.
+3. Pass 2, from the bottom: for each layer, new UnitPruners are fed the outputs of the
+   already pruned layers below it, so that each layer's ID is that of the inputs it will
+   really receive (it reproduces the layer's own output given those inputs; the error that
+   arrives from below is carried, not undone); the attention units are pruned, then (with
+   the pruned attention in place) the neurons.
+
+Only one layer and the calibration activations are on the device at a time (the runtime of
+prerequisites/layerwise.py), which is what lets a large model prune on one GPU. Inside a layer
+the activations at the two cut points are reused: the kept units' outputs do not change when
+other units go, so the attention is run once per batch.
+"""
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from prerequisites.layerwise import capture_inputs, move_to, restore
+from prune.allocation import ALLOCATORS, LayerScores
+from prune.interpolative import expand_groups
+from prune.units import MagnitudePruner, UnitPruner
+
+METHODS = ("stat", "magnitude")
+# sequential: both IDs of a layer measured on the pruned layers below it (DESIGN.md §4);
+# dense_ffn: only the attention IDs re-measured, the FFN IDs from the dense model;
+# one_shot: every ID from the dense model.
+CALIBRATIONS = ("sequential", "dense_ffn", "one_shot")
+
+
+@dataclass
+class PruneResult:
+    attn_units: list  # per layer: heads, or KV groups with grouped-query attention
+    neurons: list
+    scores: list = field(default_factory=list)
+    allocation: str = ""
+    seconds: float = 0.0
+
+
+def layer_pruners(adapter, layer, sketch_rows=None):
+    """The two UnitPruners of one layer, for the blocks that still have units (else None)."""
+    attn = neurons = None
+    if adapter.n_attn_units(layer):
+        attn = UnitPruner.attention(adapter.get(layer, adapter.attn_consumer).weight, adapter.attn_unit_dims(),
+                                    sketch_rows)
+    if adapter.n_neurons(layer):
+        neurons = UnitPruner.neurons(adapter.get(layer, adapter.ffn_consumer).weight, sketch_rows)
+    return attn, neurons
+
+
+def layer_scores(attn, neurons):
+    """What the solved pruners of one dense layer say every truncation costs (an empty block
+    scores as nothing to keep)."""
+    attn_errors = attn.output_errors() if attn else np.zeros(1)
+    if neurons is None:
+        return LayerScores(attn_errors, np.zeros(0), np.zeros(1))
+    return LayerScores(attn_errors, neurons.pivots(), neurons.errors())
+
+
+@torch.no_grad()
+def measure_dense(model, adapter, inputs, device, keep_pruners=False, sketch_rows=None, progress=True):
+    """Pass 1: every layer's pruners fed on the dense model, and the scores they give (and,
+    when asked, the solved pruners themselves, to prune from the dense model's IDs)."""
+    scores, pruners = [], []
+    for layer in tqdm(adapter.layers(model), desc="pass 1: dense Grams", disable=not progress):
+        moved = move_to([layer], device)
+        attn, neurons = layer_pruners(adapter, layer, sketch_rows)
+        for b, (x, extras, mask) in enumerate(zip(inputs.hidden, inputs.extras, inputs.masks)):
+            context = adapter.attention_context(layer, x, extras)
+            if attn:
+                attn.add_batch(context, mask)
+            h = adapter.after_attention(layer, context, x)
+            hidden = adapter.ffn_hidden(layer, h)
+            if neurons:
+                neurons.add_batch(hidden, mask)
+            inputs.hidden[b] = adapter.after_ffn(layer, hidden, h)
+        for pruner in (attn, neurons):
+            if pruner:
+                pruner.solve()
+        scores.append(layer_scores(attn, neurons))
+        if keep_pruners:  # off the device: only the layer being worked on may be there
+            pruners.append(tuple(p and p.to("cpu") for p in (attn, neurons)))
+        restore(moved)
+    return scores, pruners
+
+
+def magnitude_pruners(adapter, layer):
+    attn = neurons = None
+    if adapter.n_attn_units(layer):
+        attn = MagnitudePruner(adapter.get(layer, adapter.attn_consumer).weight, attn_weight_norms(adapter, layer),
+                               adapter.attn_unit_dims())
+    if adapter.n_neurons(layer):
+        neurons = MagnitudePruner(adapter.get(layer, adapter.ffn_consumer).weight, neuron_weight_norms(adapter, layer))
+    return attn, neurons
+
+
+def attn_weight_norms(adapter, layer):
+    """Norm of all the weights that belong to each unit (its Q, K, V rows and O columns)."""
+    n, unit_dims = adapter.n_attn_units(layer), adapter.attn_unit_dims()
+    sq = torch.zeros(n, dtype=torch.float64)
+    for path, rows in adapter.attn_unit_producers():
+        W = adapter.get(layer, path).weight.detach().double().cpu()
+        sq += (W ** 2).reshape(n, rows, -1).sum(dim=(1, 2))
+    W_O = adapter.get(layer, adapter.attn_consumer).weight.detach().double().cpu()
+    sq += (W_O ** 2).reshape(W_O.shape[0], n, unit_dims).sum(dim=(0, 2))
+    return sq.sqrt()
+
+
+def neuron_weight_norms(adapter, layer):
+    sq = 0
+    for path in adapter.ffn_producers:
+        sq = sq + (adapter.get(layer, path).weight.detach().double().cpu() ** 2).sum(dim=1)
+    sq = sq + (adapter.get(layer, adapter.ffn_consumer).weight.detach().double().cpu() ** 2).sum(dim=0)
+    return sq.sqrt()
+
+
+@torch.no_grad()
+def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_ffn_pruners=None, sketch_rows=None,
+                     progress=True):
+    """Pass 2: prune from the bottom, each layer's IDs measured on the pruned layers below.
+
+    With `dense_ffn_pruners` (per layer, the solved FFN pruner of pass 1), the FFN IDs come
+    from the dense model instead (only the attention is re-measured), which saves the
+    costliest Gram products.
+
+    Memory: two activation-sized sets of tensors at most, the layer's inputs and its
+    attention outputs, each batch's dropped as soon as it has been used for the last time.
+    """
+    for l, layer in enumerate(tqdm(adapter.layers(model), desc="pass 2: prune", disable=not progress)):
+        moved = move_to([layer], device)
+        contexts = [adapter.attention_context(layer, x, extras) for x, extras in zip(inputs.hidden, inputs.extras)]
+        kept_dims = torch.zeros(0, dtype=torch.long, device=device)
+        if adapter.n_attn_units(layer):
+            pruner = UnitPruner.attention(adapter.get(layer, adapter.attn_consumer).weight, adapter.attn_unit_dims(),
+                                          sketch_rows)
+            for context, mask in zip(contexts, inputs.masks):
+                pruner.add_batch(context, mask)
+            keep, W_O = pruner.solve().prune(attn_units[l])
+            del pruner
+            adapter.prune_attn_units(layer, keep, W_O)
+            kept_dims = expand_groups(keep, adapter.attn_unit_dims()).to(device)
+        # the kept units' outputs are unchanged by the pruning: reuse them, in place; and the
+        # layer's inputs are not needed past the attention's residual: drop them, so that the
+        # FFN's Gram and factor run beside one activation-sized buffer, not two
+        hs = contexts
+        for b, x in enumerate(inputs.hidden):
+            hs[b] = adapter.after_attention(layer, hs[b][..., kept_dims], x)
+            inputs.hidden[b] = None
+
+        if adapter.n_neurons(layer):
+            if dense_ffn_pruners is None:
+                pruner = UnitPruner.neurons(adapter.get(layer, adapter.ffn_consumer).weight, sketch_rows)
+                for h, mask in zip(hs, inputs.masks):
+                    pruner.add_batch(adapter.ffn_hidden(layer, h), mask)
+                pruner.solve()
+            else:
+                pruner = dense_ffn_pruners[l]
+            adapter.prune_neurons(layer, *pruner.prune(neurons[l]))
+            del pruner
+
+        for b, h in enumerate(hs):
+            inputs.hidden[b] = adapter.after_ffn(layer, adapter.ffn_hidden(layer, h), h)
+            hs[b] = None
+        del contexts, hs  # one list under two names
+        restore(moved)
+
+
+@torch.no_grad()
+def prune_from_pruners(model, adapter, attn_units, neurons, pruners):
+    """Prune every layer at once from decisions taken beforehand (dense IDs, or weight norms)."""
+    for l, layer in enumerate(adapter.layers(model)):
+        attn, ffn = pruners[l]
+        if attn is not None:
+            adapter.prune_attn_units(layer, *attn.prune(attn_units[l]))
+        if ffn is not None:
+            adapter.prune_neurons(layer, *ffn.prune(neurons[l]))
+
+
+def spread_subset(items, fraction):
+    """About `fraction` of the items, evenly spread (batches are often sorted by length)."""
+    count = max(1, round(fraction * len(items)))
+    if count >= len(items):
+        return list(items)
+    return [items[int((i + 0.5) * len(items) / count)] for i in range(count)]
+
+
+def stat_prune(model, adapter, batches, costs, mu, device, method="stat", allocation=None,
+               calibration="sequential", weighting=None, sketch_rows=None, score_fraction=0.25, progress=True):
+    """Prune `model` in place to at most μ of its attention and FFN MACs. Returns a PruneResult.
+
+    costs: (MACs of one attention unit, MACs of one neuron), numbers (efficiency/macs.py).
+    allocation: a name in ALLOCATORS; None: the adapter's default for its family (the one
+    place that default is resolved; PruneResult.allocation says which was used).
+    score_fraction: the share of the calibration batches (evenly spread) that pass 1 scores
+    the dense model on. The allocation is a coarse decision: a quarter of the data measured
+    as well as all of it (README), at a quarter of the cost; the IDs of pass 2 always use
+    every batch. (one_shot and dense_ffn prune with IDs from pass 1, so there pass 1 uses
+    every batch.)
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"unknown calibration {calibration!r}: choose from {', '.join(CALIBRATIONS)}")
+    allocation = allocation or adapter.default_allocation
+    if allocation not in ALLOCATORS:
+        raise ValueError(f"unknown allocation {allocation!r}: choose from {', '.join(ALLOCATORS)}")
+    start = time.perf_counter()
+    model.eval()
+    batches = list(batches)
+    keep_pruners = method == "stat" and calibration != "sequential"
+    inputs = capture_inputs(model, adapter, batches if keep_pruners else spread_subset(batches, score_fraction), device)
+    scores, pruners = measure_dense(model, adapter, inputs, device, keep_pruners=keep_pruners,
+                                    sketch_rows=sketch_rows, progress=progress)
+    del inputs
+    attn_cost, neuron_cost = costs
+    attn_units, neurons = ALLOCATORS[allocation](scores, attn_cost, neuron_cost, mu,
+                                                 weighting or adapter.depth_weighting)
+    if method == "magnitude":
+        prune_from_pruners(model, adapter, attn_units, neurons,
+                           [magnitude_pruners(adapter, layer) for layer in adapter.layers(model)])
+    elif calibration == "one_shot":
+        prune_from_pruners(model, adapter, attn_units, neurons, pruners)
+    else:
+        inputs = capture_inputs(model, adapter, batches, device)
+        dense_ffn_pruners = [ffn for _, ffn in pruners] if calibration == "dense_ffn" else None
+        prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_ffn_pruners, sketch_rows, progress)
+    return PruneResult(attn_units=list(attn_units), neurons=list(neurons), scores=scores, allocation=allocation,
+                       seconds=time.perf_counter() - start)

@@ -172,9 +172,14 @@ def quantize_and_report(args, device, model, adapter, tokenizer, windows, calib_
 # Result blocks
 
 
+def result_stem(args):
+    """Where a run's results go: <stem>.txt and <stem>.jsonl."""
+    return os.path.join(args.output_dir, "opt", args.model_name)
+
+
 def write(args, record, lines):
     block = "\n".join([f"== {args.model_name}  {record['time']} =="] + lines)
-    append_result(os.path.join(args.output_dir, "opt", args.model_name), record, block)
+    append_result(result_stem(args), record, block)
     print(block)
 
 

@@ -33,6 +33,11 @@ def format_block(r, metric_names):
     return "\n".join(lines)
 
 
+def result_stem(args):
+    """Where a run's results go: <stem>.txt and <stem>.jsonl."""
+    return os.path.join(args.output_dir, args.model_name, args.task_name)
+
+
 def prune(args):
     """Everything prune_bert.py does, from its parsed flags; returns the record."""
     device = resolve_device(args.device)
@@ -84,6 +89,6 @@ def prune(args):
         save_pruned(model, args.save_model, tokenizer)
         record["saved_to"] = args.save_model
     block = format_block(record, [k for k in dense if isinstance(dense[k], float)])
-    append_result(os.path.join(args.output_dir, args.model_name, args.task_name), record, block)
+    append_result(result_stem(args), record, block)
     print(block)
     return record

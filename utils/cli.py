@@ -21,6 +21,28 @@ def parse_command(parser, argv, script):
     return args
 
 
+def is_flag(token):
+    """--mu or -h is a flag; -1 is a value (--groupsize -1)."""
+    return token.startswith("--") or (len(token) > 1 and token[0] == "-" and token[1].isalpha())
+
+
+def flag_pairs(argv):
+    """A command line's flags as (flag, values) pairs in order; `--mu=0.5` is `--mu 0.5`, and a
+    switch has the values None."""
+    pairs, flag, values = [], None, []
+    for token in argv:
+        if is_flag(token):
+            if flag is not None:
+                pairs.append((flag, tuple(values) or None))
+            flag, _, value = token.partition("=") if token.startswith("--") else (token, "", "")
+            values = [value] if value else []
+        elif flag is not None:
+            values.append(token)
+    if flag is not None:
+        pairs.append((flag, tuple(values) or None))
+    return pairs
+
+
 def run_main(main):
     """Call main(); turn a UserError into `error: <message>` and exit status 2."""
     try:

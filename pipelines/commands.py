@@ -3,12 +3,12 @@
 Each of prune_bert.py, prune_opt.py, quantize_opt.py and opt_eval.py parses its command line
 with `parse` here; sweep.py reads the same table to check a grid against a script's real flags
 and to find the result file each grid point would write, without importing the script (entry
-scripts never import each other).
+scripts never import each other) and without loading the models' libraries.
 """
+import os
 from typing import Callable, NamedTuple, Optional
 
 from evaluate.tasks import task_names
-from pipelines import decoder, encoder
 from pipelines.flags import (add_mu_argument, add_quantize_arguments, add_stat_arguments, check_quantize_arguments,
                              decoder_parser, parser)
 from utils.cli import output_dir, parse_command, positive_int, seed_value
@@ -53,6 +53,16 @@ def opt_eval_parser(description=None):
     return p
 
 
+def encoder_result_stem(args):
+    """Where prune_bert.py writes: <stem>.txt and <stem>.jsonl."""
+    return os.path.join(args.output_dir, args.model_name, args.task_name)
+
+
+def decoder_result_stem(args):
+    """Where the decoder scripts write: <stem>.txt and <stem>.jsonl."""
+    return os.path.join(args.output_dir, "opt", args.model_name)
+
+
 class Command(NamedTuple):
     parser: Callable  # description -> ArgumentParser
     check: Optional[Callable]  # (parser, args): one-line errors for combinations argparse cannot see
@@ -60,10 +70,10 @@ class Command(NamedTuple):
 
 
 COMMANDS = {
-    "prune_bert.py": Command(prune_bert_parser, None, encoder.result_stem),
-    "prune_opt.py": Command(prune_opt_parser, None, decoder.result_stem),
-    "quantize_opt.py": Command(quantize_opt_parser, check_quantize_arguments, decoder.result_stem),
-    "opt_eval.py": Command(opt_eval_parser, check_quantize_arguments, decoder.result_stem),
+    "prune_bert.py": Command(prune_bert_parser, None, encoder_result_stem),
+    "prune_opt.py": Command(prune_opt_parser, None, decoder_result_stem),
+    "quantize_opt.py": Command(quantize_opt_parser, check_quantize_arguments, decoder_result_stem),
+    "opt_eval.py": Command(opt_eval_parser, check_quantize_arguments, decoder_result_stem),
 }
 
 

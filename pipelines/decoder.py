@@ -12,6 +12,7 @@ from dataset import lm
 from efficiency.latency import peak_memory_mb
 from efficiency.macs import adapter_costs, count_parameters, model_macs
 from evaluate.perplexity import perplexity
+from pipelines.commands import decoder_result_stem
 from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import load_config, load_model, load_tokenizer, save_pruned
 from prune.stat import stat_prune
@@ -172,14 +173,9 @@ def quantize_and_report(args, device, model, adapter, tokenizer, windows, calib_
 # Result blocks
 
 
-def result_stem(args):
-    """Where a run's results go: <stem>.txt and <stem>.jsonl."""
-    return os.path.join(args.output_dir, "opt", args.model_name)
-
-
 def write(args, record, lines):
     block = "\n".join([f"== {args.model_name}  {record['time']} =="] + lines)
-    append_result(result_stem(args), record, block)
+    append_result(decoder_result_stem(args), record, block)
     print(block)
 
 

@@ -5,6 +5,7 @@ import os
 from efficiency.latency import measure_latency
 from efficiency.macs import adapter_costs, count_parameters, model_macs
 from evaluate.tasks import check_checkpoint, make_task, task_names
+from pipelines.commands import encoder_result_stem
 from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import load_config, load_model, load_tokenizer, save_pruned
 from prune.stat import stat_prune
@@ -31,11 +32,6 @@ def format_block(r, metric_names):
         f"prune time: {r['prune_seconds']:.1f} s",
     ]
     return "\n".join(lines)
-
-
-def result_stem(args):
-    """Where a run's results go: <stem>.txt and <stem>.jsonl."""
-    return os.path.join(args.output_dir, args.model_name, args.task_name)
 
 
 def prune(args):
@@ -89,6 +85,6 @@ def prune(args):
         save_pruned(model, args.save_model, tokenizer)
         record["saved_to"] = args.save_model
     block = format_block(record, [k for k in dense if isinstance(dense[k], float)])
-    append_result(result_stem(args), record, block)
+    append_result(encoder_result_stem(args), record, block)
     print(block)
     return record

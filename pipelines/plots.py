@@ -64,7 +64,8 @@ def figure(table, rows, model, metric=None):
             if not row.dense and column in row.cells:
                 lines.setdefault(line_label(row, table), []).append(row)
         for label, members in lines.items():
-            points = sorted((_x(row, decoder), row.cells[column]) for row in members if _x(row, decoder) is not None)
+            points = sorted((_x(row, column, decoder), row.cells[column]) for row in members
+                            if _x(row, column, decoder) is not None)
             if not points:
                 continue
             xs = [x for x, _ in points]
@@ -88,11 +89,12 @@ def figure(table, rows, model, metric=None):
     return fig
 
 
-def _x(row, decoder):
-    """Decoders: the target μ; encoders: the achieved MAC fraction (mean over seeds)."""
+def _x(row, column, decoder):
+    """Decoders: the target μ; encoders: the achieved MAC fraction on the task (mean over seeds)."""
     if decoder:
         return row.values["mu"] if isinstance(row.values["mu"], (int, float)) else None
-    return row.macs.mean if row.macs is not None else None
+    macs = row.task_macs.get(column[0])
+    return macs.mean if macs is not None else None
 
 
 def _file_stem(model, kind):

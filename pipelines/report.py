@@ -200,8 +200,9 @@ def aggregate(pairs, dense=False):
 class Row(NamedTuple):
     values: dict  # {row key: the record's value}; a dense row has method "dense" and μ None
     dense: bool
-    macs: Optional[Cell]  # achieved fraction of the dense MACs
+    macs: Optional[Cell]  # achieved fraction of the dense MACs, over all the row's runs
     cells: dict  # {(task, metric): Cell}
+    task_macs: dict  # {task: Cell}: the achieved fraction of the runs on each task
 
 
 class Table(NamedTuple):
@@ -257,9 +258,15 @@ def build_table(kind, runs, group_by, metrics):
             if cell is not None:
                 cells[column] = cell
                 repeated += left_out
-        macs = None if dense else aggregate([(r.record, r.record["mac_ratio"]) for r in members
-                                            if _number(r.record.get("mac_ratio"))])[0]
-        rows.append(Row(values, dense, macs, cells))
+        with_macs = [] if dense else [r for r in members if _number(r.record.get("mac_ratio"))]
+        macs = aggregate([(r.record, r.record["mac_ratio"]) for r in with_macs])[0]
+        task_macs = {}
+        for task in dict.fromkeys(task for task, _ in columns):
+            cell = aggregate([(r.record, r.record["mac_ratio"]) for r in with_macs
+                              if any(c[0] == task for c in r.scores)])[0]
+            if cell is not None:
+                task_macs[task] = cell
+        rows.append(Row(values, dense, macs, cells, task_macs))
     rows.sort(key=lambda row: _row_order(row, keys))
     return Table(kind, keys, columns, rows, primary, repeated)
 

@@ -39,6 +39,9 @@ def main(argv=None):
     records = report.select(report.load_records(args.paths), [report.parse_filter(f) for f in args.filter])
     if not records:
         raise UserError("no record left after --filter" if args.filter else "the result files hold no record")
+    for key in args.group_by:
+        if all(report.lookup(r, key) is None for r in records):
+            raise UserError(f"--group_by {key}: no record has this key")
     tables, unscored = report.build_tables(records, args.group_by, args.metrics)
     if not tables:
         raise UserError(f"none of the {len(records)} records holds scores")

@@ -56,6 +56,8 @@ class Point(NamedTuple):
 def check_script(script):
     if not script:
         raise UserError("no script to sweep: give --script, or 'script:' in the grid file")
+    if not isinstance(script, str):
+        raise UserError(f"the script to sweep must be a file name, got {script!r}")
     name = os.path.basename(script)
     if name not in COMMANDS:
         raise UserError(f"unknown script {script!r} (sweep.py runs: {', '.join(COMMANDS)})")

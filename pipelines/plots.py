@@ -10,6 +10,7 @@ import os
 import re
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from pipelines.report import MISSING, shown
 
@@ -58,7 +59,11 @@ def figure(table, rows, model, metric=None):
     for ax in axes[len(chosen):]:
         ax.set_visible(False)
     decoder = table.kind == "decoder"
+    # one colour per line in every panel
+    labels = list(dict.fromkeys(line_label(row, table) for row in rows if not row.dense))
+    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
     for ax, (title, column) in zip(axes, chosen):
+        levels = []  # every y drawn, bands included, so that the limits take in the dense line too
         lines = {}
         for row in rows:
             if not row.dense and column in row.cells:
@@ -71,22 +76,42 @@ def figure(table, rows, model, metric=None):
             xs = [x for x, _ in points]
             means = [c.mean for _, c in points]
             stds = [c.std or 0.0 for _, c in points]
-            (line,) = ax.plot(xs, means, marker="o", markersize=3, label=label)
-            ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                            color=line.get_color(), alpha=0.2, linewidth=0)
+            ax.plot(xs, means, marker="o", markersize=3, label=label, color=colors[label])
+            low, high = [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)]
+            ax.fill_between(xs, low, high, color=colors[label], alpha=0.2, linewidth=0)
+            levels += low + high
         for row in rows:
             if row.dense and column in row.cells:
                 label = line_label(row, table)
                 ax.axhline(row.cells[column].mean, color="0.3", linestyle="--", linewidth=1, label=label)
-        ax.set_title(title)
+                levels.append(row.cells[column].mean)
+        _pad(ax, levels, decoder)
+        ax.set_title(f"{model}: {title}" if len(chosen) == 1 else title)
         ax.set_xlabel("μ (fraction of MACs kept, target)" if decoder else "MACs kept (fraction of dense)")
         ax.set_ylabel("perplexity" if decoder else column[1])
         if decoder:
             ax.set_yscale("log")
+            plain = FuncFormatter(lambda y, _: f"{y:g}")  # 30, not 3 × 10¹
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
-    fig.suptitle(model)
+    if len(chosen) > 1:
+        fig.suptitle(model)
     return fig
+
+
+def _pad(ax, levels, log):
+    """y limits 5 % beyond everything drawn (on a log scale, 5 % of the decades)."""
+    levels = [y for y in levels if y > 0] if log else levels
+    if not levels:
+        return
+    low, high = min(levels), max(levels)
+    if log:
+        low, high = math.log10(low), math.log10(high)
+    margin = 0.05 * (high - low) or 0.05 * (abs(high) or 1)
+    low, high = low - margin, high + margin
+    ax.set_ylim(10 ** low if log else low, 10 ** high if log else high)
 
 
 def _x(row, column, decoder):

@@ -152,6 +152,7 @@ class Cell(NamedTuple):
 def setting(record, flags=True):
     """What a run was asked for, the seed aside: how it was made and (with flags) its flags."""
     made = {key: shown(record.get(key)) for key in PROVENANCE}
+    made["git_commit"] = made["git_commit"][:10]  # enough to tell commits apart in a note
     if not flags:
         return made
     return {**made, **{f: " ".join(v) if v else "on" for f, v in flag_pairs((record.get("argv") or [])[1:])

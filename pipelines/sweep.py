@@ -8,6 +8,7 @@ import os
 import shlex
 import sys
 import threading
+from typing import NamedTuple, Optional
 
 import submitit
 from tqdm import tqdm
@@ -22,11 +23,11 @@ SLURM_FLAGS = ("partition", "gpus_per_job", "cpus_per_job", "mem_gb", "array_par
                "no_wait")
 
 
-class Outcome:
+class Outcome(NamedTuple):
     """How a point's job ended: its exit status, or why it has none (killed, timed out)."""
-
-    def __init__(self, point, returncode=None, error=None):
-        self.point, self.returncode, self.error = point, returncode, error
+    point: grid.Point
+    returncode: Optional[int] = None
+    error: Optional[str] = None
 
     @property
     def failed(self):

@@ -239,6 +239,7 @@ def test_report_writes_plots_from_the_command_line(tmp_path, capsys):
     (["{tmp}/r.jsonl", "--filter", "method"], "expected KEY=VALUE"),
     (["{tmp}/r.jsonl", "--filter", "method=kwon"], "no record left after --filter"),
     (["{tmp}/r.jsonl", "--metrics", "f1"], "no encoder record has the metrics f1"),
+    (["{tmp}/r.jsonl", "--group_by", "alocation"], "--group_by alocation: no record has this key"),
 ])
 def test_bad_input_gives_one_line_and_exit_status_2(tmp_path, capsys, argv, expected):
     write(tmp_path / "r.jsonl", sst2_records())

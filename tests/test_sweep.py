@@ -1,6 +1,7 @@
 """sweep.py: grids from the command line and from files, checked against the script's own
 flags before anything runs; the skip of points already done; a real local sweep of tiny runs
 with one failing point; the SLURM job array up to the submission script submitit writes."""
+import glob
 import json
 import os
 import re
@@ -256,3 +257,9 @@ def test_slurm_gets_one_job_array_with_the_resources_asked_for(tmp_path, capsys,
         assert job.function is run_point and cwd == str(tmp_path) and "CUDA_VISIBLE_DEVICES" not in env
         assert command == [sys.executable, os.path.join(REPO_ROOT, "prune_bert.py"), *TINY, "--mu", mu]
         assert log == os.path.join("logs", "glue", f"mu={mu}.log")
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO_ROOT, "grids", "*.yaml"))))
+def test_the_grid_files_in_the_repository_are_valid(path):
+    built = grid.build(None, [], path)
+    assert built.points and len({p.name for p in built.points}) == len(built.points)

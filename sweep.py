@@ -1,8 +1,8 @@
 """Run a script over a grid of its flags: every point a separate process, through submitit.
 
-    python sweep.py --script prune_bert.py --model_name bert-base-uncased --task_name mnli qqp \
+    python sweep.py --script prune_bert.py --model_name bert-base-uncased --task_name mnli qqp \\
         --method stat magnitude --mu 0.4 0.5 0.6 --seed 0 1 2 --jobs 2
-    python sweep.py --grid grids/glue.yaml --cluster slurm --partition gpu --gpus_per_job 1 --time_min 120
+    python sweep.py --grid grids/glue-bert-base.yaml --cluster slurm --partition gpu --gpus_per_job 1 --time_min 120
 
 Every flag of the script (prune_bert.py, prune_opt.py, quantize_opt.py, opt_eval.py) takes a
 list of values here, and the sweep runs every combination; or a YAML/JSON grid file gives them

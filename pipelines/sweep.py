@@ -47,12 +47,12 @@ def check_cluster_flags(args):
         raise UserError("--jobs applies to --cluster local (on SLURM: --array_parallelism)")
 
 
-def sweep_name(args, sweep):
+def sweep_name(args, built):
     if args.name:
         if not all(c.isalnum() or c in "._-" for c in args.name):
             raise UserError(f"--name {args.name!r}: use letters, digits, '.', '_' and '-' only")
         return args.name
-    stem = args.grid if args.grid else sweep.script
+    stem = args.grid if args.grid else built.script
     return os.path.splitext(os.path.basename(stem))[0]
 
 
@@ -72,14 +72,14 @@ def log_path(log_dir, point):
 def run(args, tokens):
     """Everything sweep.py does, from its own flags and the grid's tokens; the exit status."""
     check_cluster_flags(args)
-    sweep = grid.build(args.script, tokens, args.grid)
-    name = sweep_name(args, sweep)
+    built = grid.build(args.script, tokens, args.grid)
+    name = sweep_name(args, built)
     log_dir = os.path.join(args.log_dir, name)
-    todo, done = (sweep.points, []) if args.rerun else grid.split_done(sweep.points)
+    todo, done = (built.points, []) if args.rerun else grid.split_done(built.points)
     if args.dry_run:
-        print_plan(sweep, todo, done, log_dir)
+        print_plan(built, todo, done, log_dir)
         return 0
-    print(f"sweep {name}: {len(sweep.points)} points of {sweep.script}, {len(done)} already done (skipped"
+    print(f"sweep {name}: {len(built.points)} points of {built.script}, {len(done)} already done (skipped"
           f"{'' if not done else '; --rerun runs them again'}), {len(todo)} to run on {describe_cluster(args)}; "
           f"logs in {log_dir}/")
     if not todo:
@@ -89,7 +89,8 @@ def run(args, tokens):
     env_changes = job_environment(args.cluster, jobs)
 
     def submit(point):
-        return executor.submit(run_point, command_of(point), log_path(log_dir, point), os.getcwd(), env_changes)
+        return executor.submit(run_point, command_of(point), os.path.abspath(log_path(log_dir, point)), os.getcwd(),
+                               env_changes)
 
     if args.cluster == "slurm":
         outcomes = run_array(executor, submit, todo, name, args.no_wait)
@@ -108,16 +109,16 @@ def describe_cluster(args):
     return "this process (debug)"
 
 
-def print_plan(sweep, todo, done, log_dir):
-    print(f"grid of {sweep.script}:")
-    for i, g in enumerate(sweep.grids):
-        if len(sweep.grids) > 1:
+def print_plan(built, todo, done, log_dir):
+    print(f"grid of {built.script}:")
+    for i, g in enumerate(built.grids):
+        if len(built.grids) > 1:
             print(f"  grid {i + 1}:")
         for flag, values in g.items():
             print(f"    --{flag}: {' '.join(_show_value(v) for v in values)}")
-    print(f"{len(sweep.points)} points, {len(done)} already done, {len(todo)} to run; logs in {log_dir}/")
+    print(f"{len(built.points)} points, {len(done)} already done, {len(todo)} to run; logs in {log_dir}/")
     skipped = {p.name for p in done}
-    for point in sweep.points:
+    for point in built.points:
         status = "done" if point.name in skipped else "run "
         print(f"  [{status}] {point.name}: {shown(point)}")
 

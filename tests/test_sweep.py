@@ -1,6 +1,7 @@
 """sweep.py: grids from the command line and from files, checked against the script's own
 flags before anything runs; the skip of points already done; a real local sweep of tiny runs
 with one failing point; the SLURM job array up to the submission script submitit writes."""
+import argparse
 import glob
 import json
 import os
@@ -16,6 +17,7 @@ import prune_bert
 import sweep
 import tiny
 from pipelines import grid
+from pipelines import sweep as sweep_lib
 from pipelines.sweep_job import run_point
 from test_prune_bert_cli import write_sst2
 from utils.cli import run_main
@@ -256,10 +258,26 @@ def test_slurm_gets_one_job_array_with_the_resources_asked_for(tmp_path, capsys,
         command, log, cwd, env = job.args
         assert job.function is run_point and cwd == str(tmp_path) and "CUDA_VISIBLE_DEVICES" not in env
         assert command == [sys.executable, os.path.join(REPO_ROOT, "prune_bert.py"), *TINY, "--mu", mu]
-        assert log == os.path.join("logs", "glue", f"mu={mu}.log")
+        assert log == str(tmp_path / "logs" / "glue" / f"mu={mu}.log")
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO_ROOT, "grids", "*.yaml"))))
 def test_the_grid_files_in_the_repository_are_valid(path):
     built = grid.build(None, [], path)
     assert built.points and len({p.name for p in built.points}) == len(built.points)
+
+
+def test_local_jobs_see_the_sweeps_gpus_and_share_the_cores(tmp_path, monkeypatch):
+    """submitit's local executor empties CUDA_VISIBLE_DEVICES for a job that asked for no GPU;
+    a point's process gets the sweep's value back, and its share of the cores."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    args = argparse.Namespace(cluster="local", time_min=5)
+    executor = sweep_lib.make_executor(args, "env", str(tmp_path / "submitit"))
+    show = [sys.executable, "-c", "import os; print(repr(os.environ.get('CUDA_VISIBLE_DEVICES')), "
+                                  "os.environ.get('OMP_NUM_THREADS'))"]
+    jobs = [executor.submit(run_point, show, str(tmp_path / f"{i}.log"), str(tmp_path), changes)
+            for i, changes in enumerate([sweep_lib.job_environment("local", 2), {}])]
+    assert [job.result() for job in jobs] == [0, 0]
+    assert (tmp_path / "0.log").read_text().splitlines()[2] == f"'1,3' {max(1, os.cpu_count() // 2)}"
+    assert (tmp_path / "1.log").read_text().splitlines()[2] == "'' None"  # what submitit alone gives

@@ -113,10 +113,3 @@ def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def require_dir(path, what):
-    """A clear error for a checkpoint or data folder that is not there."""
-    if not os.path.isdir(path):
-        raise UserError(f"{what} not found: {path}")
-    return path

@@ -169,6 +169,12 @@ def save(model, tokenizer, out_dir, record):
         raise
 
 
+def shown_path(path):
+    """The path relative to the working folder when it lies inside it (models/...), else as is."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith(os.pardir) else relative
+
+
 def format_metrics(metrics):
     return ", ".join(f"{name} {value:.4f}" for name, value in metrics.items() if isinstance(value, float))
 
@@ -190,7 +196,7 @@ def finetune(args):
     set_seed(args.seed)  # just before the head is initialised
     model = load_for_task(source, args.task_name).to(device)
 
-    print(f"fine-tuning {args.model_name_or_path} on {args.task_name}: {len(examples)} training "
+    print(f"fine-tuning {args.model_name or args.model_name_or_path} on {args.task_name}: {len(examples)} training "
           f"{'features' if args.task_name in SQUAD_VERSIONS else 'examples'}, {args.epochs} epoch(s), "
           f"batch {args.batch_size}, lr {args.lr}, seed {args.seed}, device {device}")
     start = time.perf_counter()
@@ -207,5 +213,5 @@ def finetune(args):
     }
     save(model.cpu(), tokenizer, out_dir, record)
     print(f"fine-tuned in {seconds:.0f}s: dev {format_metrics(metrics)}")
-    print(f"saved to {out_dir}")
+    print(f"saved to {shown_path(out_dir)}")
     return record

@@ -30,7 +30,8 @@ def minilm_dir():
 
 def build_classifier(out_dir=DEFAULT_OUT):
     if not os.path.exists(os.path.join(out_dir, "config.json")):
-        finetune.main(["--model_name_or_path", minilm_dir(), "--output_dir", out_dir, *DEMO_RECIPE])
+        finetune.main(["--model_name_or_path", minilm_dir(), "--model_name", "all-minilm-l6-v2",
+                       "--output_dir", out_dir, *DEMO_RECIPE])
     return out_dir
 
 

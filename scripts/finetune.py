@@ -22,27 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from evaluate.tasks import task_names  # noqa: E402
 from pipelines import finetune  # noqa: E402
 from pipelines.flags import parser  # noqa: E402
-from utils.cli import output_dir, parse_command, positive_int, run_main, seed_value  # noqa: E402
-
-
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
-def non_negative_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
+from utils.cli import (non_negative_float, output_dir, parse_command, positive_float, positive_int,  # noqa: E402
+                       run_main, seed_value)
 
 
 def warmup_value(text):
@@ -64,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=positive_float, default=2e-5, help="peak learning rate of AdamW")
     p.add_argument("--batch_size", type=positive_int, default=32, help="training batch size")
     p.add_argument("--max_length", type=positive_int,
-                   help="training sequence length (default: the task's, 128; SST-2, CoLA, movie-sentiment 64; SQuAD 384)")
+                   help="training sequence length (default: the task's: 128; SST-2, CoLA, movie-sentiment 64; "
+                        "SQuAD 384)")
     p.add_argument("--doc_stride", type=positive_int, default=128, help="SQuAD: overlap of a context's windows")
     p.add_argument("--warmup", type=warmup_value, default=0.1, help="fraction of the steps of linear warm-up")
     p.add_argument("--weight_decay", type=non_negative_float, default=0.01, help="AdamW's decoupled weight decay")

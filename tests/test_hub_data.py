@@ -23,7 +23,6 @@ The schemas, and where they come from:
 """
 import gzip
 import json
-import os
 
 import datasets
 import pytest
@@ -241,7 +240,8 @@ def official_json(version, split):
     """The same questions in the official JSON layout (SQuAD 2.0: is_impossible, plausible_answers)."""
     qas = []
     for row in squad_rows(version, split):
-        answers = [{"text": t, "answer_start": s} for t, s in zip(row["answers"]["text"], row["answers"]["answer_start"])]
+        answers = [{"text": text, "answer_start": start}
+                   for text, start in zip(row["answers"]["text"], row["answers"]["answer_start"])]
         qa = {"id": row["id"], "question": row["question"], "answers": answers}
         if version == "2.0":
             qa["is_impossible"] = not answers
@@ -308,7 +308,8 @@ def lm_standin(monkeypatch):
     wikitext = DatasetDict({split: Dataset.from_dict({"text": wikitext_rows(WIKI_RAW)},
                                                      features=Features({"text": Value("string")}))
                             for split in ("test", "train", "validation")})
-    standin = StandIn({("Salesforce/wikitext", "wikitext-2-raw-v1"): wikitext, ("allenai/c4", None): c4_from_data_files})
+    standin = StandIn({("Salesforce/wikitext", "wikitext-2-raw-v1"): wikitext,
+                       ("allenai/c4", None): c4_from_data_files})
     monkeypatch.setattr(datasets, "load_dataset", standin)
     lm._hub_split.cache_clear()  # the loader remembers the hub's answers for the process
     yield standin

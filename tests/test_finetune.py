@@ -215,6 +215,7 @@ def test_malformed_data_and_a_decoder_base_are_refused(bases, tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and "train.tsv, line 50" in err, err
     decoder = str(tmp_path / "tiny-opt")
     tiny.opt().save_pretrained(decoder)
+    capsys.readouterr()  # the save's progress bar
     code, err = run_cli_of(argv | {"--model_name_or_path": decoder}, capsys)
     assert code == 2 and err == f"error: {decoder} is a decoder; fine-tuning here is for BERT-family encoders"
     assert not (tmp_path / "out").exists()

@@ -207,6 +207,8 @@ def _load_hub(spec, split):
     texts_a = list(dataset[spec.text_keys[0]])
     texts_b = list(dataset[spec.text_keys[1]]) if len(spec.text_keys) > 1 else None
     labels = list(dataset["label"])
+    if any(label < 0 for label in labels):  # how nyu-mll/glue marks the unlabelled test splits
+        raise UserError(f"nyu-mll/glue ({spec.name}, {split}) has examples without a label (-1)")
     cast = float if spec.is_regression else int
     return [Example(a, texts_b[i] if texts_b is not None else None, cast(labels[i]))
             for i, a in enumerate(texts_a)]

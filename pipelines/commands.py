@@ -21,7 +21,7 @@ def prune_bert_parser(description=None):
     add_mu_argument(p)
     p.add_argument("--seed", type=seed_value, default=0, help="seed of the calibration sample")
     p.add_argument("--sample_batch_size", type=positive_int, default=512, help="number of calibration examples")
-    p.add_argument("--model_dir", help="checkpoint folder (default: models/<model_name>/<task_name>)")
+    p.add_argument("--model_dir", help="checkpoint folder or hub id (default: models/<model_name>/<task_name>)")
     p.add_argument("--data_dir", help="folder with the task's original files (GLUE TSV, SQuAD JSON)")
     p.add_argument("--output_dir", type=output_dir, default="output", help="where results are written")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")

@@ -15,6 +15,7 @@ from evaluate.perplexity import perplexity
 from pipelines.commands import decoder_result_stem
 from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import load_config, load_model, load_tokenizer, save_pruned
+from prerequisites.hub import resolve_checkpoint
 from prune.stat import stat_prune
 from quantize.sequential import quantize_model
 from quantize.storage import QUANTIZED, save_quantized, weights_size_mb
@@ -35,24 +36,18 @@ HUB_IDS = {
 
 
 def model_source(args):
-    """A local checkpoint folder, or a hub id whose files the local cache must already hold."""
-    path = args.model_dir or os.path.join("models", args.model_name)
+    """The checkpoint's local folder: --model_dir (a folder or a hub id), else models/<model_name>,
+    else the hub id --model_name names (a paper name such as opt-125M stands for its facebook/
+    id). Hub ids are downloaded when online and read from the local cache when offline."""
+    if args.model_dir is not None:
+        return resolve_checkpoint(args.model_dir)
+    path = os.path.join("models", args.model_name)
     if os.path.isdir(path):
         return path
-    if args.model_dir is None:
-        hub_id = HUB_IDS.get(args.model_name, args.model_name if "/" in args.model_name else None)
-        if hub_id is not None and _cached(hub_id):
-            return hub_id
-    raise UserError(f"checkpoint not found: {path}")
-
-
-def _cached(hub_id):
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
-    except Exception:  # no cache, or a cache format this huggingface_hub does not read
-        return False
+    hub_id = HUB_IDS.get(args.model_name, args.model_name if "/" in args.model_name else None)
+    if hub_id is None:
+        raise UserError(f"checkpoint not found: {path}")
+    return resolve_checkpoint(hub_id)
 
 
 def resolve_dtype(name, device):
@@ -142,16 +137,6 @@ def describe_quantizer(args):
     return f"{'RTN' if args.nearest else 'GPTQ'} {args.wbits}-bit ({', '.join(details)})"
 
 
-def dense_checkpoint_dir(args):
-    """The folder of the dense checkpoint's files (a hub id's snapshot in the local cache)."""
-    source = model_source(args)
-    if os.path.isdir(source):
-        return source
-    from huggingface_hub import try_to_load_from_cache
-
-    return os.path.dirname(try_to_load_from_cache(source, "config.json"))
-
-
 def quantize_and_report(args, device, model, adapter, tokenizer, windows, calib_batches, record):
     """Quantize, evaluate, save; adds to `record` and returns the lines of the result block."""
     start = time.perf_counter()
@@ -162,7 +147,7 @@ def quantize_and_report(args, device, model, adapter, tokenizer, windows, calib_
     lines = [f"quantize time: {record['quantize_seconds']:.1f} s ({len(quantized)} linear layers)"]
     if args.save_model:
         save_quantized(model, quantized, args.save_model, tokenizer, quantize_settings(args))
-        dense_mb, quantized_mb = weights_size_mb(dense_checkpoint_dir(args)), weights_size_mb(args.save_model)
+        dense_mb, quantized_mb = weights_size_mb(model_source(args)), weights_size_mb(args.save_model)
         record.update(size_on_disk_mb={"dense": dense_mb, "quantized": quantized_mb}, saved_to=args.save_model)
         lines.append(f"size on disk: dense {dense_mb:.2f} MB, quantized {quantized_mb:.2f} MB "
                      f"({quantized_mb / dense_mb:.3f} of dense), saved to {args.save_model}")

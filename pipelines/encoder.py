@@ -8,8 +8,9 @@ from evaluate.tasks import check_checkpoint, make_task, task_names
 from pipelines.commands import encoder_result_stem
 from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import load_config, load_model, load_tokenizer, save_pruned
+from prerequisites.hub import resolve_checkpoint
 from prune.stat import stat_prune
-from utils.cli import require_dir, resolve_device, set_seed
+from utils.cli import resolve_device, set_seed
 from utils.errors import UserError
 from utils.results import append_result, now, provenance
 
@@ -40,7 +41,8 @@ def prune(args):
     set_seed(args.seed)
     if args.task_name not in task_names():
         raise UserError(f"unknown task {args.task_name!r} (known tasks: {', '.join(task_names())})")
-    model_dir = require_dir(args.model_dir or os.path.join("models", args.model_name, args.task_name), "checkpoint")
+    # a local folder, or a hub id (downloaded, or read from the cache when offline)
+    model_dir = resolve_checkpoint(args.model_dir or os.path.join("models", args.model_name, args.task_name))
 
     config = load_config(model_dir)
     check_checkpoint(args.task_name, config)

@@ -44,9 +44,9 @@ def decoder_parser(description):
     """The flags every decoder script takes: model, data, windows, device, output."""
     p = parser(description)
     p.add_argument("--model_name", required=True,
-                   help="models/<model_name>, a paper name (opt-125M, opt-1.3B, ...) or a cached hub id")
+                   help="models/<model_name>, a paper name (opt-125M, opt-1.3B, ...) or a hub id (facebook/opt-125m)")
     p.add_argument("--seed", type=seed_value, default=0, help="seed of the calibration windows")
-    p.add_argument("--model_dir", help="checkpoint folder (default: models/<model_name>)")
+    p.add_argument("--model_dir", help="checkpoint folder or hub id (default: models/<model_name>)")
     p.add_argument("--data_dir", help="folder with local corpus files (wiki.*.raw, ptb.*.txt, C4 shards, "
                                       "train.txt/test.txt)")
     p.add_argument("--task", default="wikitext2", help=f"calibration corpus: {', '.join(lm.LM_TASKS)}")

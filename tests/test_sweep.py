@@ -211,7 +211,7 @@ def test_the_debug_cluster_runs_in_this_process(tmp_path, capsys, monkeypatch):
                             "--cluster", "debug"], capsys)
     assert code == 1 and "0 points ran, 1 failed" in out
     log = (tmp_path / "logs" / "prune_bert" / "point.log").read_text()
-    assert "error: checkpoint not found: missing" in log
+    assert "error: checkpoint missing is neither a local folder nor in the local Hugging Face cache" in log
 
 
 def test_a_job_runs_its_command_with_the_environment_asked_for(tmp_path, monkeypatch):

@@ -94,6 +94,26 @@ def positive_int(text):
     return value
 
 
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
 def seed_value(text):
     """argparse type for --seed: numpy's global seed must fit in 32 bits, unsigned."""
     try:
@@ -135,10 +155,3 @@ def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def require_dir(path, what):
-    """A clear error for a checkpoint or data folder that is not there."""
-    if not os.path.isdir(path):
-        raise UserError(f"{what} not found: {path}")
-    return path

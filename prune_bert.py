@@ -9,12 +9,14 @@ the .jsonl beside it.
 """
 from evaluate.tasks import task_names
 from pipelines import encoder
-from pipelines.flags import add_mu_argument, add_stat_arguments, parser
+from pipelines.flags import add_mu_argument, add_protocol_argument, add_sampler_argument, add_stat_arguments, \
+    parser
 from utils.cli import output_dir, parse_command, positive_int, run_main, seed_value
 
 
 def parse_args(argv=None):
     p = parser(__doc__)
+    add_protocol_argument(p)
     p.add_argument("--model_name", required=True, help="name of the model (folder under models/, and in output/)")
     p.add_argument("--task_name", required=True, help=f"one of: {', '.join(task_names())}")
     add_mu_argument(p)
@@ -27,6 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--save_model", type=output_dir, metavar="DIR", help="write the pruned model here")
     p.add_argument("--batch_size", type=positive_int, default=64, help="batch size of calibration and evaluation")
     add_stat_arguments(p)
+    add_sampler_argument(p)
     return parse_command(p, argv, "prune_bert.py")
 
 

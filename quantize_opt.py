@@ -23,7 +23,7 @@ def parse_args(argv=None):
     add_stat_arguments(p)
     add_quantize_arguments(p, wbits_required=True)
     args = parse_command(p, argv, "quantize_opt.py")
-    check_quantize_arguments(p, args)
+    check_quantize_arguments(p, args, wbits_required=True)
     return args
 
 

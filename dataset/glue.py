@@ -239,16 +239,34 @@ def load_examples(task, split, data_dir=None):
 # ---------------------------------------------------------------------------------------
 # Calibration sample, tokenization, batches
 
-def sample_calibration(examples, n, seed):
-    """n distinct examples, drawn without replacement by a generator seeded with seed."""
+SAMPLERS = ("distinct", "with_replacement")
+
+
+def sample_calibration(examples, n, seed, sampler="distinct"):
+    """n training examples drawn by a generator seeded with seed.
+
+    distinct: n different examples (numpy's default_rng, without replacement).
+    with_replacement: the draw of Kwon et al.'s and the authors' scripts, np.random.seed(seed)
+    then np.random.choice(len(examples), n): with replacement, so an example may come twice
+    (its tokens then count twice in every Gram), and the same seed gives the same draw.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
+    return [examples[i] for i in calibration_indices(len(examples), n, seed, sampler, what="examples")]
+
+
+def calibration_indices(size, n, seed, sampler, what="examples"):
+    """The indices sample_calibration draws from a training set of `size` items."""
     if n < 1:
-        raise UserError(f"the number of calibration examples must be positive, got {n}")
-    if n > len(examples):
-        raise UserError(f"asked for {n} calibration examples, but the split has only "
-                        f"{len(examples)}")
-    rng = np.random.default_rng(seed)
-    picks = rng.choice(len(examples), size=n, replace=False)
-    return [examples[i] for i in picks]
+        raise UserError(f"the number of calibration {what} must be positive, got {n}")
+    if size == 0:
+        raise UserError(f"the training set has no {what} to calibrate on")
+    if sampler == "with_replacement":
+        # a RandomState seeded with seed is the stream np.random.seed(seed) sets, left global there
+        return np.random.RandomState(seed).choice(size, n).tolist()
+    if n > size:
+        raise UserError(f"asked for {n} calibration {what}, but the split has only {size}")
+    return np.random.default_rng(seed).choice(size, size=n, replace=False).tolist()
 
 
 def encode(examples, tokenizer, spec):

@@ -13,6 +13,7 @@ import json
 import os
 import random
 
+import numpy as np
 import torch
 
 from utils.errors import UserError, not_utf8
@@ -234,10 +235,23 @@ def prepare_eval_features(examples, tokenizer, max_length=384, stride=128, chunk
 # -----------------------------------------------------------------------------
 # Calibration and batching
 
-def sample_calibration_features(features, n, seed):
-    """n distinct features drawn at random, reproducibly for a given seed."""
+def sample_calibration_features(features, n, seed, sampler="distinct"):
+    """n features drawn at random, reproducibly for a given seed.
+
+    distinct: n different features (random.Random(seed).sample).
+    with_replacement: Kwon et al.'s draw (their main.py, which the STAT authors' BERT code
+    follows), np.random.seed(seed) then np.random.choice(len(features), n), over the features of
+    the whole training set: with replacement, so a feature may come twice.
+    """
     if n < 1:
         raise UserError(f"the calibration sample size must be positive, got {n}")
+    if sampler == "with_replacement":
+        if not features:
+            raise UserError("the training set has no features to calibrate on")
+        # a RandomState seeded with seed is the stream np.random.seed(seed) sets, left global there
+        return [features[i] for i in np.random.RandomState(seed).choice(len(features), n)]
+    if sampler != "distinct":
+        raise ValueError(f"unknown sampler {sampler!r}")
     if n > len(features):
         raise UserError(f"asked for {n} calibration features, but the training set "
                         f"only has {len(features)}")

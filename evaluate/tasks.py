@@ -12,6 +12,7 @@ from dataset import glue, squad
 from evaluate.glue import evaluate_task
 from evaluate.inputs import accepted_inputs
 from evaluate.squad import evaluate_squad
+from utils.cache import fingerprint
 from utils.errors import UserError
 
 SQUAD_VERSIONS = {"squad": "1.1", "squad_v2": "2.0"}
@@ -72,12 +73,13 @@ class GlueTask:
         return [accepted_inputs(model, b) | {"labels": b["labels"]}
                 for b in glue.batches(encoded, self.batch_size, self.tokenizer.pad_token_id)]
 
-    def calibration_batches(self, model, n, seed):
-        return self.batch_calibration(model, self.calibration_sample(n, seed))
+    def calibration_batches(self, model, n, seed, sampler="distinct"):
+        return self.batch_calibration(model, self.calibration_sample(n, seed, sampler))
 
-    def calibration_sample(self, n, seed):
-        """n encoded training examples; needs no model, so a bad n fails before any model work."""
-        sample = glue.encode(glue.sample_calibration(self.train, n, seed), self.tokenizer, self.spec)
+    def calibration_sample(self, n, seed, sampler="distinct"):
+        """n encoded training examples (dataset/glue.py's samplers); needs no model, so a bad n
+        fails before any model work."""
+        sample = glue.encode(glue.sample_calibration(self.train, n, seed, sampler), self.tokenizer, self.spec)
         sample.sort(key=lambda item: len(item["input_ids"]))  # less padding, same examples
         return sample
 
@@ -93,6 +95,10 @@ class GlueTask:
                   f"the dataset's order {list(self.spec.label_names)}", file=sys.stderr)
             self._told_mapping = True
         return evaluate_task(model, self.spec, batches, device, class_to_label=mapping)
+
+    def eval_fingerprint(self):
+        """A hash of everything the evaluation reads (tokens and labels of every split)."""
+        return fingerprint([self.name, self.eval_sets])
 
     def latency_batch(self, model, size=32):
         """A fixed batch of dev examples, padded to the longest, for timing forward passes."""
@@ -112,18 +118,28 @@ class SquadTask:
         self.examples = squad.load_squad(self.version, "validation", data_dir)
         self.features = squad.prepare_eval_features(self.examples, tokenizer)
 
-    def calibration_batches(self, model, n, seed):
-        return self.batch_calibration(model, self.calibration_sample(n, seed))
+    def calibration_batches(self, model, n, seed, sampler="distinct"):
+        return self.batch_calibration(model, self.calibration_sample(n, seed, sampler))
 
-    def calibration_sample(self, n, seed):
-        """n training features; needs no model, so a bad n fails before any model work."""
-        sample = squad.sample_calibration_features(self._some_train_features(n, seed), n, seed)
+    def calibration_sample(self, n, seed, sampler="distinct"):
+        """n training features; needs no model, so a bad n fails before any model work.
+
+        with_replacement draws, as Kwon et al., among the features of the whole training set,
+        which are all made for it (about a minute for SQuAD's 88k questions); distinct among
+        those of a seeded random part of it (_some_train_features)."""
+        with_replacement = sampler == "with_replacement"
+        pool = self._all_train_features() if with_replacement else self._some_train_features(n, seed)
+        sample = squad.sample_calibration_features(pool, n, seed, sampler)
         sample.sort(key=lambda f: len(f["input_ids"]))
         return sample
 
     def batch_calibration(self, model, sample):
         return [accepted_inputs(model, squad.collate(chunk, self.tokenizer.pad_token_id))
                 for chunk in squad.batches(sample, self.batch_size)]
+
+    def _all_train_features(self):
+        print(f"featurising all {len(self.train)} training questions for the calibration draw ...")
+        return squad.prepare_train_features(self.train, self.tokenizer)
 
     def _some_train_features(self, n, seed, chunk=1000):
         """Features of training examples taken in a seeded random order until there are at
@@ -140,6 +156,10 @@ class SquadTask:
         metrics = evaluate_squad(model, self.examples, self.features, self.version, device, self.batch_size)
         self.last_timing = {k: metrics.pop(k) for k in ("forward_seconds", "postprocess_seconds")}
         return metrics
+
+    def eval_fingerprint(self):
+        """A hash of everything the evaluation reads (the examples, their answers, the features)."""
+        return fingerprint([self.name, self.examples, self.features])
 
     def latency_batch(self, model, size=32):
         return accepted_inputs(model, squad.collate(self.features[:size], self.tokenizer.pad_token_id))

@@ -9,13 +9,15 @@ import os
 from typing import Callable, NamedTuple, Optional
 
 from evaluate.tasks import task_names
-from pipelines.flags import (add_mu_argument, add_quantize_arguments, add_stat_arguments, check_quantize_arguments,
+from pipelines.flags import (add_mu_argument, add_protocol_argument, add_quantize_arguments, add_sampler_argument,
+                             add_stat_arguments, check_quantize_arguments,
                              decoder_parser, parser)
 from utils.cli import output_dir, parse_command, positive_int, seed_value
 
 
 def prune_bert_parser(description=None):
     p = parser(description)
+    add_protocol_argument(p)
     p.add_argument("--model_name", required=True, help="name of the model (folder under models/, and in output/)")
     p.add_argument("--task_name", required=True, help=f"one of: {', '.join(task_names())}")
     add_mu_argument(p)
@@ -28,6 +30,7 @@ def prune_bert_parser(description=None):
     p.add_argument("--save_model", type=output_dir, metavar="DIR", help="write the pruned model here")
     p.add_argument("--batch_size", type=positive_int, default=64, help="batch size of calibration and evaluation")
     add_stat_arguments(p)
+    add_sampler_argument(p)
     return p
 
 
@@ -72,7 +75,8 @@ class Command(NamedTuple):
 COMMANDS = {
     "prune_bert.py": Command(prune_bert_parser, None, encoder_result_stem),
     "prune_opt.py": Command(prune_opt_parser, None, decoder_result_stem),
-    "quantize_opt.py": Command(quantize_opt_parser, check_quantize_arguments, decoder_result_stem),
+    "quantize_opt.py": Command(quantize_opt_parser, lambda p, args: check_quantize_arguments(p, args, wbits_required=True),
+                               decoder_result_stem),
     "opt_eval.py": Command(opt_eval_parser, check_quantize_arguments, decoder_result_stem),
 }
 

@@ -1,24 +1,27 @@
 """Decoder runs (prune_opt.py, quantize_opt.py, opt_eval.py): load, calibrate, prune and/or
-quantize, score perplexity on every available set, and write output/opt/<model_name>.*.
+quantize, score perplexity on the evaluation sets, and write output/opt/<model_name>.*.
 
 Each entry script parses its flags and calls one of `prune`, `quantize` or `evaluate` here.
 """
 import os
+import sys
 import time
 
 import torch
 
 from dataset import lm
 from efficiency.latency import peak_memory_mb
-from efficiency.macs import adapter_costs, count_parameters, model_macs
+from efficiency.macs import AUTHORS_NEURON_SHARE, count_parameters, mac_ratios, unit_prices
 from evaluate.perplexity import perplexity
+from pipelines import protocol
 from pipelines.commands import decoder_result_stem
 from prerequisites.adapters import adapter_for
-from prerequisites.checkpoint import load_config, load_model, load_tokenizer, save_pruned
+from prerequisites.checkpoint import checkpoint_identity, load_config, load_model, load_tokenizer, save_pruned
 from prerequisites.hub import resolve_checkpoint
 from prune.stat import stat_prune
 from quantize.sequential import quantize_model
 from quantize.storage import QUANTIZED, save_quantized, weights_size_mb
+from utils.cache import DenseCache, fingerprint
 from utils.cli import resolve_device, set_seed
 from utils.errors import UserError
 from utils.results import append_result, now, provenance
@@ -56,21 +59,56 @@ def resolve_dtype(name, device):
     return getattr(torch, name)
 
 
+def resolve_corpora(args, calibrates):
+    """Fill --calib_task and --eval_tasks (canonical names): `--task X` stands for calibrating
+    on X and scoring on X (and, X standard, on the other standard sets available), as it always
+    has; otherwise the protocol's (c4; wikitext2, ptb, c4: those of them that are available).
+    Returns the two settings, and the notes to print once the inputs are all checked: the
+    default sets left out, and a warning when a run calibrates on a corpus it also scores."""
+    default_evals = args.eval_tasks is None and args.task is None
+    if args.task is not None:
+        task = lm.canonical_task(args.task)
+        args.calib_task = args.calib_task or task
+        if args.eval_tasks is None:
+            args.eval_tasks = lm.available_eval_sets(task, args.data_dir)
+    protocol.resolve(args, protocol.CORPORA)
+    args.calib_task = lm.canonical_task(args.calib_task)
+    evals = list(dict.fromkeys(lm.canonical_task(t) for t in args.eval_tasks))
+    notes = []
+    if default_evals:
+        missing = [t for t in evals if not lm.eval_available(t, args.data_dir)]
+        evals = [t for t in evals if t not in missing]
+        if not evals:
+            raise UserError(f"none of the default evaluation sets ({', '.join(missing)}) is available: put their "
+                            f"test files in --data_dir, or name the sets with --eval_tasks (e.g. austen, text)")
+        if missing:
+            notes.append(f"note: {', '.join(missing)} not available, not scored (put the test files in --data_dir)")
+    args.eval_tasks = evals
+    if calibrates and args.calib_task in evals:
+        notes.append(f"warning: calibrating and scoring on the same corpus ({args.calib_task}): in-domain "
+                     f"calibration flatters perplexity (the paper calibrates on c4 and scores wikitext2, ptb and c4)")
+    return {"calib_task": args.calib_task, "eval_tasks": evals}, notes
+
+
+def tell(notes):
+    for note in notes:
+        print(note, file=sys.stderr)
+
+
 def load(args, calibrate=True):
     """(device, model on the CPU, its adapter, tokenizer, eval windows per set, calibration
-    batches (None unless calibrate), seqlen).
+    batches (None unless calibrate), seqlen). Needs resolve_corpora first.
 
     The model stays on the CPU: layers move to the device one at a time.
     """
     device = resolve_device(args.device)
-    lm.check_task(args.task)
     source = model_source(args)
     tokenizer = load_tokenizer(source)
     config = load_config(source)
     seqlen = min(args.seqlen, getattr(config, "max_position_embeddings", args.seqlen))
     # the data first: a missing or malformed file should fail before a large model loads
     windows = {}
-    for name, tokens in lm.eval_tokens(args.task, tokenizer, args.data_dir).items():
+    for name, tokens in lm.eval_tokens(None, tokenizer, args.data_dir, tasks=args.eval_tasks).items():
         cap = lm.MAX_EVAL_WINDOWS.get(name)
         if args.eval_samples:
             cap = min(cap or args.eval_samples, args.eval_samples)
@@ -84,7 +122,7 @@ def load(args, calibrate=True):
 
 
 def calibration_batches(args, tokenizer, seqlen):
-    windows = lm.calibration_windows(args.task, tokenizer, args.nsamples, seqlen, args.seed, args.data_dir)
+    windows = lm.calibration_windows(args.calib_task, tokenizer, args.nsamples, seqlen, args.seed, args.data_dir)
     return lm.window_batches(windows, args.batch_size)
 
 
@@ -93,39 +131,70 @@ def perplexities(model, adapter, windows, device, batch_size, label):
             for name, w in windows.items()}
 
 
+def dense_perplexities(args, model, adapter, windows, device):
+    """The dense model's perplexity on each set, from the cache when it has it; and whether all
+    of them came from it."""
+    cache = DenseCache(args.output_dir, enabled=not args.no_cache)
+    identity = checkpoint_identity(model_source(args))
+    dtype = str(next(model.parameters()).dtype)
+    ppl, hits = {}, []
+    for name, w in windows.items():
+        key = {"kind": "decoder", "checkpoint": identity, "set": name, "windows": fingerprint(w.numpy().tobytes()),
+               "shape": list(w.shape), "batch_size": args.batch_size, "device": device.type, "dtype": dtype}
+        ppl[name], hit = cache.get_or_compute(
+            key, lambda: perplexity(model, adapter, w, device, args.batch_size, desc=f"dense {name}"))
+        hits.append(hit)
+    if any(hits):
+        print(f"dense perplexity from the cache ({cache.folder}; --no_cache to score again): "
+              f"{', '.join(n for n, hit in zip(windows, hits) if hit)}")
+    return ppl, all(hits)
+
+
+def run_settings(args, device):
+    """The settings of a run that are not the protocol's, for its record."""
+    return {"batch_size": args.batch_size, "dtype": str(resolve_dtype(args.dtype, device)).replace("torch.", ""),
+            "sketch": getattr(args, "sketch", None),
+            "sketch_seed": args.seed if getattr(args, "sketch", None) else None}
+
+
 # ---------------------------------------------------------------------------------------------
 # Pruning and quantizing, each adding to the run's record
 
 
-def prune_and_report(args, device, model, adapter, windows, calib_batches, seqlen):
+def prune_and_report(args, knobs, device, model, adapter, windows, calib_batches, seqlen):
     """Dense and pruned perplexities, and the record so far (μ = 1: no pruning)."""
     set_seed(args.seed)
     params_dense = count_parameters(model)
-    ppl_dense = perplexities(model, adapter, windows, device, args.batch_size, "dense")
-    costs = adapter_costs(adapter, seqlen)
-    dense_macs = model_macs(*adapter.shape(model), costs)
+    ppl_dense, dense_cached = dense_perplexities(args, model, adapter, windows, device)
+    dense_shape = adapter.shape(model)
+    prices = unit_prices(adapter, dense_shape, seqlen, "decoder")
     allocation = None
     start = time.perf_counter()
     if args.mu < 1.0:
-        allocation = stat_prune(model, adapter, calib_batches, costs, args.mu, device,
+        allocation = stat_prune(model, adapter, calib_batches, prices[args.mac_split], args.mu, device,
                                 method=args.method, allocation=args.allocation, calibration=args.calibration,
-                                sketch_rows=args.sketch, score_fraction=args.score_fraction).allocation
+                                sketch_rows=args.sketch, sketch_seed=args.seed, score_fraction=args.score_fraction,
+                                neuron_share=AUTHORS_NEURON_SHARE["decoder"] if args.mac_split == "authors" else None,
+                                ).allocation
     prune_seconds = time.perf_counter() - start
     ppl_pruned = perplexities(model, adapter, windows, device, args.batch_size, "pruned") if args.mu < 1 else ppl_dense
     attn_units, neurons = adapter.shape(model)
+    mac_ratio, mac_ratio_authors = mac_ratios(prices, dense_shape, (attn_units, neurons))
     return {
-        "model_name": args.model_name, "task": args.task, "method": args.method, "allocation": allocation,
-        "calibration": args.calibration, "score_fraction": args.score_fraction, "mu": args.mu,
-        "mac_ratio": model_macs(attn_units, neurons, costs) / dense_macs,
+        "model_name": args.model_name, "task": args.task, "method": args.method, "protocol": args.protocol,
+        **knobs, "allocation": allocation, **run_settings(args, device), "mu": args.mu,
+        "mac_ratio": mac_ratio, "mac_ratio_authors": mac_ratio_authors,
         "seed": args.seed, "nsamples": args.nsamples, "seqlen": seqlen, "eval_samples": args.eval_samples,
-        "ppl_dense": ppl_dense, "ppl_pruned": ppl_pruned, "heads_per_layer": attn_units, "neurons_per_layer": neurons,
+        "ppl_dense": ppl_dense, "ppl_pruned": ppl_pruned, "dense_cached": dense_cached,
+        "heads_per_layer": attn_units, "neurons_per_layer": neurons,
         "params_dense": params_dense, "params_pruned": count_parameters(model), "prune_seconds": prune_seconds,
     }
 
 
 def quantize_settings(args):
     return {"wbits": args.wbits, "groupsize": args.groupsize, "sym": args.sym, "act_order": args.act_order,
-            "nearest": args.nearest, "percdamp": args.percdamp}
+            "nearest": args.nearest, "percdamp": args.percdamp, "gptq_reference": args.gptq_reference,
+            "true_sequential": args.true_sequential}
 
 
 def describe_quantizer(args):
@@ -134,6 +203,8 @@ def describe_quantizer(args):
                "symmetric" if args.sym else "asymmetric"]
     if not args.nearest:
         details += (["act_order"] if args.act_order else []) + [f"percdamp {args.percdamp}"]
+        details += (["true sequential"] if args.true_sequential else [])
+    details += (["as the reference code"] if args.gptq_reference else [])
     return f"{'RTN' if args.nearest else 'GPTQ'} {args.wbits}-bit ({', '.join(details)})"
 
 
@@ -141,7 +212,8 @@ def quantize_and_report(args, device, model, adapter, tokenizer, windows, calib_
     """Quantize, evaluate, save; adds to `record` and returns the lines of the result block."""
     start = time.perf_counter()
     quantized = quantize_model(model, adapter, calib_batches, device, args.wbits, args.groupsize, args.sym,
-                               args.act_order, args.percdamp, args.nearest)
+                               args.act_order, args.percdamp, args.nearest, reference=args.gptq_reference,
+                               true_sequential=args.true_sequential)
     record.update(quantize_settings(args), quantize_seconds=time.perf_counter() - start)
     record["ppl_quantized"] = perplexities(model, adapter, windows, device, args.batch_size, "quantized")
     lines = [f"quantize time: {record['quantize_seconds']:.1f} s ({len(quantized)} linear layers)"]
@@ -177,7 +249,8 @@ def ppl_lines(record):
 def pruning_lines(record):
     """The lines of a result block that say what pruning did."""
     return [
-        f"MACs kept: {record['mac_ratio']:.4f} of dense (target {record['mu']})",
+        f"MACs kept: {record['mac_ratio']:.4f} of dense (target {record['mu']}); "
+        f"{record['mac_ratio_authors']:.4f} priced with the authors' split",
         *ppl_lines(record),
         f"heads per layer: {record['heads_per_layer']}",
         f"neurons per layer: {record['neurons_per_layer']}",
@@ -196,18 +269,25 @@ def finish(args, record, device):
 # The three runs
 
 
+def calibration_note(args, seqlen):
+    return f"calibrated on {args.calib_task} ({args.nsamples} x {seqlen} tokens, seed {args.seed})"
+
+
 def prune(args):
     """prune_opt.py: prune with STAT, report dense and pruned perplexity."""
+    corpora, notes = resolve_corpora(args, calibrates=True)
+    knobs = {**corpora, **protocol.resolve(args, protocol.DECODER)}
     device, model, adapter, tokenizer, windows, calib_batches, seqlen = load(args)
-    record = prune_and_report(args, device, model, adapter, windows, calib_batches, seqlen)
+    tell(notes)
+    record = prune_and_report(args, knobs, device, model, adapter, windows, calib_batches, seqlen)
     if args.save_model:
         save_pruned(model, args.save_model, tokenizer)
         record["saved_to"] = args.save_model
     finish(args, record, device)
     write(args, record, [
-        f"prune_opt: method {args.method} (allocation {record['allocation']}, calibration {args.calibration}), "
-        f"mu {args.mu}, calibrated on {args.task} ({args.nsamples} x {seqlen} tokens, seed {args.seed}), "
-        f"device {device}",
+        f"prune_opt: protocol {args.protocol}, method {args.method} (allocation {record['allocation']}, "
+        f"calibration {args.calibration}, MAC split {args.mac_split}), mu {args.mu}, "
+        f"{calibration_note(args, seqlen)}, device {device}",
         *pruning_lines(record),
     ])
     return record
@@ -215,15 +295,18 @@ def prune(args):
 
 def quantize(args):
     """quantize_opt.py: prune with STAT (unless μ = 1), then quantize; report all three."""
+    corpora, notes = resolve_corpora(args, calibrates=True)
+    knobs = {**corpora, **protocol.resolve(args, protocol.DECODER, protocol.QUANTIZE)}
     device, model, adapter, tokenizer, windows, calib_batches, seqlen = load(args)
-    record = prune_and_report(args, device, model, adapter, windows, calib_batches, seqlen)
+    tell(notes)
+    record = prune_and_report(args, knobs, device, model, adapter, windows, calib_batches, seqlen)
     quantize_lines = quantize_and_report(args, device, model, adapter, tokenizer, windows, calib_batches, record)
     pruning = (f"STAT mu {args.mu} (method {args.method}, allocation {record['allocation']}, "
-               f"calibration {args.calibration})" if args.mu < 1 else "no pruning (mu 1)")
+               f"calibration {args.calibration}, MAC split {args.mac_split})" if args.mu < 1 else "no pruning (mu 1)")
     finish(args, record, device)
     write(args, record, [
-        f"quantize_opt: {pruning}, then {describe_quantizer(args)}; calibrated on {args.task} "
-        f"({args.nsamples} x {seqlen} tokens, seed {args.seed}), device {device}",
+        f"quantize_opt: protocol {args.protocol}, {pruning}, then {describe_quantizer(args)}; "
+        f"{calibration_note(args, seqlen)}, device {device}",
         *pruning_lines(record),
         *quantize_lines,
     ])
@@ -231,26 +314,31 @@ def quantize(args):
 
 
 def evaluate(args):
-    """opt_eval.py: dense perplexity; with --wbits, the dense-then-quantized baseline."""
+    """opt_eval.py: dense perplexity; with --wbits (or --protocol paper), the dense-then-quantized
+    baseline."""
     set_seed(args.seed)
+    quantize_knobs = protocol.resolve(args, protocol.DENSE_QUANTIZE)
+    quantizes = args.wbits is not None
     # RTN needs no calibration data.
-    device, model, adapter, tokenizer, windows, calib_batches, seqlen = load(
-        args, calibrate=args.wbits is not None and not args.nearest)
+    calibrates = quantizes and not args.nearest
+    knobs, notes = resolve_corpora(args, calibrates)
+    device, model, adapter, tokenizer, windows, calib_batches, seqlen = load(args, calibrate=calibrates)
+    tell(notes)
+    ppl_dense, dense_cached = dense_perplexities(args, model, adapter, windows, device)
     record = {
-        "model_name": args.model_name, "task": args.task, "method": "dense", "mu": 1.0, "seed": args.seed,
-        "seqlen": seqlen, "eval_samples": args.eval_samples,
-        "ppl_dense": perplexities(model, adapter, windows, device, args.batch_size, "dense"),
+        "model_name": args.model_name, "task": args.task, "method": "dense", "protocol": args.protocol, **knobs,
+        **(quantize_knobs if quantizes else {}), **run_settings(args, device), "mu": 1.0, "seed": args.seed,
+        "seqlen": seqlen, "eval_samples": args.eval_samples, "ppl_dense": ppl_dense, "dense_cached": dense_cached,
         "params_dense": count_parameters(model),
     }
     lines = [f"opt_eval: dense, windows of {seqlen} tokens, device {device}"]
     quantize_lines = []
-    if args.wbits is not None:
-        record["nsamples"] = 0 if args.nearest else args.nsamples
+    if quantizes:
+        record["nsamples"] = args.nsamples if calibrates else 0
         quantize_lines = quantize_and_report(args, device, model, adapter, tokenizer, windows, calib_batches or [],
                                              record)
-        data = ("no calibration data" if args.nearest else
-                f"calibrated on {args.task} ({args.nsamples} x {seqlen} tokens, seed {args.seed})")
-        lines = [f"opt_eval: dense, then {describe_quantizer(args)}; {data}, device {device}"]
+        data = calibration_note(args, seqlen) if calibrates else "no calibration data"
+        lines = [f"opt_eval: protocol {args.protocol}, dense, then {describe_quantizer(args)}; {data}, device {device}"]
     finish(args, record, device)
     write(args, record, [*lines, *ppl_lines(record), *quantize_lines])
     return record

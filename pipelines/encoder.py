@@ -3,13 +3,15 @@ with STAT, score it again, and write output/<model_name>/<task_name>.*."""
 import os
 
 from efficiency.latency import measure_latency
-from efficiency.macs import adapter_costs, count_parameters, model_macs
+from efficiency.macs import AUTHORS_NEURON_SHARE, count_parameters, mac_ratios, unit_prices
 from evaluate.tasks import check_checkpoint, make_task, task_names
+from pipelines import protocol
 from pipelines.commands import encoder_result_stem
 from prerequisites.adapters import adapter_for
-from prerequisites.checkpoint import load_config, load_model, load_tokenizer, save_pruned
+from prerequisites.checkpoint import checkpoint_identity, load_config, load_model, load_tokenizer, save_pruned
 from prerequisites.hub import resolve_checkpoint
 from prune.stat import stat_prune
+from utils.cache import DenseCache
 from utils.cli import resolve_device, set_seed
 from utils.errors import UserError
 from utils.results import append_result, now, provenance
@@ -21,9 +23,11 @@ def format_block(r, metric_names):
 
     lines = [
         f"== {r['model_name']} / {r['task_name']}  {r['time']} ==",
-        f"method {r['method']} (allocation {r['allocation']}, calibration {r['calibration']}), mu {r['mu']}, "
-        f"seed {r['seed']}, {r['sample_batch_size']} calibration examples, device {r['device']}",
-        f"MACs kept: {r['mac_ratio']:.4f} of dense (target {r['mu']})",
+        f"protocol {r['protocol']}: method {r['method']} (allocation {r['allocation']}, calibration "
+        f"{r['calibration']}, MAC split {r['mac_split']}), mu {r['mu']}, seed {r['seed']}, "
+        f"{r['sample_batch_size']} calibration examples ({r['sampler'].replace('_', ' ')}), device {r['device']}",
+        f"MACs kept: {r['mac_ratio']:.4f} of dense (target {r['mu']}); "
+        f"{r['mac_ratio_authors']:.4f} priced with the authors' split",
         *[pair(name) for name in metric_names],
         f"heads per layer: {r['heads_per_layer']}",
         f"neurons per layer: {r['neurons_per_layer']}",
@@ -35,8 +39,21 @@ def format_block(r, metric_names):
     return "\n".join(lines)
 
 
+def dense_scores(args, model_dir, task, model, device):
+    """The dense model's metrics on the task, from the cache when it has them."""
+    key = {"kind": "encoder", "checkpoint": checkpoint_identity(model_dir), "task": args.task_name,
+           "eval_data": task.eval_fingerprint(), "batch_size": args.batch_size, "device": device.type,
+           "dtype": str(next(model.parameters()).dtype)}
+    cache = DenseCache(args.output_dir, enabled=not args.no_cache)
+    metrics, cached = cache.get_or_compute(key, lambda: task.evaluate(model, device))
+    if cached:
+        print(f"dense scores from the cache ({cache.path(key)}; --no_cache to score again)")
+    return metrics, cached
+
+
 def prune(args):
     """Everything prune_bert.py does, from its parsed flags; returns the record."""
+    knobs = protocol.resolve(args, protocol.ENCODER)
     device = resolve_device(args.device)
     set_seed(args.seed)
     if args.task_name not in task_names():
@@ -50,31 +67,35 @@ def prune(args):
     tokenizer = load_tokenizer(model_dir)
     task = make_task(args.task_name, tokenizer, args.data_dir, args.batch_size)
     # drawn now: a sample larger than the training set fails before the model loads
-    calibration_sample = task.calibration_sample(args.sample_batch_size, args.seed)
+    calibration_sample = task.calibration_sample(args.sample_batch_size, args.seed, args.sampler)
     model = load_model(model_dir, device=device)
     adapter = adapter_for(model)
 
     print(f"scoring the dense model on {args.task_name} ...")
-    dense = task.evaluate(model, device)
+    dense, dense_cached = dense_scores(args, model_dir, task, model, device)
     params_dense = count_parameters(model)
     latency_batch = task.latency_batch(model)
     latency_dense = measure_latency(model, latency_batch, device)
-    costs = adapter_costs(adapter, task.mac_seq_len)
-    dense_macs = model_macs(*adapter.shape(model), costs)
+    dense_shape = adapter.shape(model)
+    prices = unit_prices(adapter, dense_shape, task.mac_seq_len, "encoder")
 
     calib_batches = task.batch_calibration(model, calibration_sample)
-    result = stat_prune(model, adapter, calib_batches, costs, args.mu, device,
+    result = stat_prune(model, adapter, calib_batches, prices[args.mac_split], args.mu, device,
                         method=args.method, allocation=args.allocation, calibration=args.calibration,
-                        sketch_rows=args.sketch, score_fraction=args.score_fraction)
+                        sketch_rows=args.sketch, sketch_seed=args.seed, score_fraction=args.score_fraction,
+                        neuron_share=AUTHORS_NEURON_SHARE["encoder"] if args.mac_split == "authors" else None)
 
     print("scoring the pruned model ...")
     pruned = task.evaluate(model, device)
     attn_units, neurons = adapter.shape(model)
+    mac_ratio, mac_ratio_authors = mac_ratios(prices, dense_shape, (attn_units, neurons))
     record = {
         "model_name": args.model_name, "task_name": args.task_name, "method": args.method,
-        "allocation": result.allocation, "calibration": args.calibration, "score_fraction": args.score_fraction,
-        "mu": args.mu, "mac_ratio": model_macs(attn_units, neurons, costs) / dense_macs,
-        "seed": args.seed, "sample_batch_size": args.sample_batch_size,
+        "protocol": args.protocol, **knobs, "allocation": result.allocation,
+        "sketch": args.sketch, "sketch_seed": args.seed if args.sketch else None,
+        "batch_size": args.batch_size, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "mu": args.mu, "mac_ratio": mac_ratio, "mac_ratio_authors": mac_ratio_authors,
+        "seed": args.seed, "sample_batch_size": args.sample_batch_size, "dense_cached": dense_cached,
         "metric_name": task.metric_name, "dense_metric": dense[task.metric_name],
         "pruned_metric": pruned[task.metric_name], "metrics": {"dense": dense, "pruned": pruned},
         "heads_per_layer": attn_units, "neurons_per_layer": neurons,

@@ -3,37 +3,64 @@ how GPTQ quantizes. Each script builds its parser from these groups and its own 
 import argparse
 
 from dataset import lm
+from dataset.glue import SAMPLERS
+from efficiency.macs import MAC_SPLITS
+from pipelines import protocol
 from prune.allocation import ALLOCATORS
 from prune.stat import CALIBRATIONS, METHODS
 from quantize.gptq import check_groupsize
 from utils.cli import ArgumentParser, fraction_value, mu_value, output_dir, positive_int, seed_value
 
 WBITS = (2, 3, 4, 8)
-QUANTIZE_FLAGS = ("groupsize", "sym", "act_order", "nearest", "percdamp", "save_model")
+QUANTIZE_FLAGS = ("groupsize", "sym", "act_order", "nearest", "percdamp", "save_model", "gptq_reference",
+                  "true_sequential")
 
 
 def parser(description):
     return ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def add_protocol_argument(p):
+    """--protocol and --no_cache (every entry script)."""
+    p.add_argument("--protocol", choices=protocol.PROTOCOLS, default="improved",
+                   help="improved: what measured best here (default); paper: the authors' released code, "
+                        "literally. Sets the flags marked [protocol] that are not given (pipelines/protocol.py)")
+    p.add_argument("--no_cache", action="store_true",
+                   help="score the dense model again even when <output_dir>/.dense_cache has its scores")
+
+
 def add_stat_arguments(p):
-    """The flags that choose how STAT prunes (prune_bert.py, prune_opt.py, quantize_opt.py)."""
+    """The flags that choose how STAT prunes (prune_bert.py, prune_opt.py, quantize_opt.py).
+    Those marked [protocol] default to None: pipelines/protocol.py fills them."""
     p.add_argument("--method", choices=METHODS, default="stat",
                    help="stat: interpolative decompositions with corrections; magnitude: same allocation, "
                         "units ranked by weight norms, no correction")
     p.add_argument("--allocation", choices=list(ALLOCATORS),
-                   help="how the MAC budget is shared across layers: greedy (error removed per MAC; the "
-                        "default for encoders), ffn_greedy (all heads kept; the default for decoders), "
-                        "faithful (the rule of the authors' code), uniform")
-    p.add_argument("--calibration", choices=CALIBRATIONS, default="sequential",
-                   help="sequential: each layer's IDs measured on the pruned layers below; dense_ffn: FFN IDs "
-                        "from the dense model; one_shot: all IDs from the dense model (fastest)")
-    p.add_argument("--score_fraction", type=fraction_value, default=0.25,
-                   help="share of the calibration set that pass 1 scores the dense model on (for the "
-                        "allocation; pass 2 always uses all of it)")
+                   help="[protocol] how the MAC budget is shared across layers: greedy (error removed per MAC; "
+                        "improved, encoders), ffn_greedy (all heads kept; improved, decoders), faithful (the "
+                        "authors' rule, literally; paper), uniform")
+    p.add_argument("--calibration", choices=CALIBRATIONS,
+                   help="[protocol] where the IDs are measured: sequential (improved): each layer's on the pruned "
+                        "layers below; dense_ffn: FFN IDs from the dense model; one_shot (paper, decoders): all "
+                        "IDs from the dense model; ffn_then_attn (paper, encoders): FFN IDs from the dense model, "
+                        "FFNs pruned, then the attention IDs from that model")
+    p.add_argument("--score_fraction", type=fraction_value,
+                   help="[protocol] share of the calibration set that pass 1 scores the dense model on, for the "
+                        "allocation (improved 0.25, paper 1; pass 2 always uses all of it)")
+    p.add_argument("--mac_split", choices=MAC_SPLITS,
+                   help="[protocol] how units are priced for the budget: exact (improved): each model's own "
+                        "MACs per head and neuron; authors (paper): the authors' fixed head/neuron share "
+                        "(neurons 0.6623 of a layer for encoders, 4/7 for decoders)")
     p.add_argument("--sketch", type=positive_int, metavar="ROWS",
                    help="CountSketch each batch's activations to this many rows before its Gram product "
-                        "(approximate; for very long calibration sets)")
+                        "(approximate; for very long calibration sets; its draws follow --seed)")
+
+
+def add_sampler_argument(p):
+    """How an encoder's calibration examples are drawn (prune_bert.py)."""
+    p.add_argument("--sampler", choices=SAMPLERS,
+                   help="[protocol] how the calibration examples are drawn: distinct (improved): different "
+                        "examples; with_replacement (paper): np.random.choice, as Kwon et al. and the authors")
 
 
 def add_mu_argument(p):
@@ -43,13 +70,20 @@ def add_mu_argument(p):
 def decoder_parser(description):
     """The flags every decoder script takes: model, data, windows, device, output."""
     p = parser(description)
+    add_protocol_argument(p)
     p.add_argument("--model_name", required=True,
                    help="models/<model_name>, a paper name (opt-125M, opt-1.3B, ...) or a hub id (facebook/opt-125m)")
     p.add_argument("--seed", type=seed_value, default=0, help="seed of the calibration windows")
     p.add_argument("--model_dir", help="checkpoint folder or hub id (default: models/<model_name>)")
     p.add_argument("--data_dir", help="folder with local corpus files (wiki.*.raw, ptb.*.txt, C4 shards, "
                                       "train.txt/test.txt)")
-    p.add_argument("--task", default="wikitext2", help=f"calibration corpus: {', '.join(lm.LM_TASKS)}")
+    corpora = ", ".join(lm.LM_TASKS + tuple(lm.PAPER_NAMES))
+    p.add_argument("--task", help="shorthand: calibrate on this corpus and score on it (and, for a standard corpus, "
+                                  "on the other standard sets available), as before --calib_task existed")
+    p.add_argument("--calib_task", help=f"[protocol] calibration corpus (default c4, as the authors and GPTQ): "
+                                        f"{corpora}")
+    p.add_argument("--eval_tasks", nargs="+", metavar="TASK",
+                   help="[protocol] perplexity on these sets (default wikitext2 ptb c4, those available)")
     p.add_argument("--nsamples", type=positive_int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=positive_int, default=2048,
                    help="window length (capped at the model's context)")
@@ -87,10 +121,15 @@ def percdamp_value(text):
 
 def add_quantize_arguments(p, wbits_required):
     """The quantization flags (quantize_opt.py; opt_eval.py for the dense-then-quantized baseline)."""
-    p.add_argument("--wbits", type=int, choices=WBITS, required=wbits_required, help="bits per weight")
-    p.add_argument("--groupsize", type=groupsize_value, default=-1,
-                   help="columns that share a scale and zero point (-1: one group per row)")
-    p.add_argument("--sym", action="store_true", help="symmetric grid (zero point in the middle)")
+    p.add_argument("--wbits", type=int, choices=WBITS,
+                   help="bits per weight" + (" (required unless --protocol paper: 4)" if wbits_required
+                                             else " (default: no quantization; --protocol paper: 4)"))
+    p.add_argument("--groupsize", type=groupsize_value,
+                   help="[protocol] columns that share a scale and zero point (-1: one group per row; "
+                        "improved -1, paper 1024)")
+    p.add_argument("--sym", action=argparse.BooleanOptionalAction,
+                   help="[protocol] symmetric grid, zero point in the middle (paper: opt_eval.py yes, "
+                        "quantize_opt.py no; improved: no)")
     p.add_argument("--act_order", action="store_true",
                    help="quantize the columns in order of decreasing Hessian diagonal (GPTQ only)")
     p.add_argument("--nearest", action="store_true", help="round to nearest (RTN baseline) instead of GPTQ")
@@ -98,11 +137,20 @@ def add_quantize_arguments(p, wbits_required):
                    help="Hessian dampening, as a fraction of its mean diagonal")
     p.add_argument("--save_model", type=output_dir, metavar="DIR",
                    help="write the quantized model (packed low-bit weights) here")
+    p.add_argument("--gptq_reference", action=argparse.BooleanOptionalAction,
+                   help="[protocol] GPTQ as the reference implementation runs it (quantize/gptq.py: its "
+                        "symmetric grid, its grids fitted before dead inputs are zeroed and on stale group "
+                        "weights); improved no, paper yes")
+    p.add_argument("--true_sequential", action=argparse.BooleanOptionalAction,
+                   help="[protocol] quantize a layer's linears group by group (Q/K/V, output, FFN in, FFN out), "
+                        "each calibrated on the layer with the earlier groups quantized (no in both protocols)")
 
 
-def check_quantize_arguments(p, args):
+def check_quantize_arguments(p, args, wbits_required=False):
     """One-line errors (exit 2) for flag combinations that would be silently ignored."""
-    if args.wbits is None:
+    if args.wbits is None and protocol.default(protocol.QUANTIZE, "wbits", args.protocol) is None:
+        if wbits_required:
+            p.error("--wbits is required (or --protocol paper, which quantizes to 4 bits)")
         given = [f"--{flag}" for flag in QUANTIZE_FLAGS if getattr(args, flag) != p.get_default(flag)]
         if given:
             p.error(f"{', '.join(given)} need --wbits")

@@ -147,6 +147,25 @@ def own_memory(model):
     return model
 
 
+# The files whose contents are a checkpoint's weights and shapes (not its tokenizer or docs).
+IDENTITY_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")
+IDENTITY_SKIP = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                 "added_tokens.json", "generation_config.json")
+
+
+def checkpoint_identity(path):
+    """What identifies a checkpoint folder's weights without reading them: [name, size, mtime in
+    ns] of its weight files and config (files reached through a link, as in a hub cache, are
+    described by their target). Any rewrite of the weights changes it."""
+    entries = []
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if name.endswith(IDENTITY_SUFFIXES) and name not in IDENTITY_SKIP and os.path.isfile(full):
+            stat = os.stat(full)
+            entries.append([name, stat.st_size, stat.st_mtime_ns])
+    return entries
+
+
 def load_tokenizer(path):
     try:
         return transformers.AutoTokenizer.from_pretrained(path)

@@ -28,10 +28,15 @@ from prune.interpolative import expand_groups
 from prune.units import MagnitudePruner, UnitPruner
 
 METHODS = ("stat", "magnitude")
-# sequential: both IDs of a layer measured on the pruned layers below it (DESIGN.md §4);
-# dense_ffn: only the attention IDs re-measured, the FFN IDs from the dense model;
-# one_shot: every ID from the dense model.
-CALIBRATIONS = ("sequential", "dense_ffn", "one_shot")
+# Where each layer's IDs (the choice of units and the correction) are measured:
+# sequential: both IDs of a layer on the pruned layers below it (DESIGN.md §4);
+# dense_ffn: only the attention IDs re-measured so, the FFN IDs from the dense model;
+# one_shot: every ID from the dense model (the authors' OPT order: all IDs on the dense model,
+#   then FFNs and heads pruned; with every ID fixed beforehand, the order of pruning is moot);
+# ffn_then_attn: the authors' BERT order: the FFN IDs from the dense model and every FFN pruned,
+#   then the attention IDs measured on that FFN-pruned model (all its heads still there) and
+#   every head pruned.
+CALIBRATIONS = ("sequential", "dense_ffn", "one_shot", "ffn_then_attn")
 
 
 @dataclass
@@ -43,14 +48,15 @@ class PruneResult:
     seconds: float = 0.0
 
 
-def layer_pruners(adapter, layer, sketch_rows=None):
-    """The two UnitPruners of one layer, for the blocks that still have units (else None)."""
+def layer_pruners(adapter, layer, sketch_rows=None, sketch_seed=0, ffn=True):
+    """The two UnitPruners of one layer, for the blocks that still have units (else None);
+    with ffn=False, the attention's only."""
     attn = neurons = None
     if adapter.n_attn_units(layer):
         attn = UnitPruner.attention(adapter.get(layer, adapter.attn_consumer).weight, adapter.attn_unit_dims(),
-                                    sketch_rows)
-    if adapter.n_neurons(layer):
-        neurons = UnitPruner.neurons(adapter.get(layer, adapter.ffn_consumer).weight, sketch_rows)
+                                    sketch_rows, sketch_seed)
+    if ffn and adapter.n_neurons(layer):
+        neurons = UnitPruner.neurons(adapter.get(layer, adapter.ffn_consumer).weight, sketch_rows, sketch_seed)
     return attn, neurons
 
 
@@ -64,13 +70,15 @@ def layer_scores(attn, neurons):
 
 
 @torch.no_grad()
-def measure_dense(model, adapter, inputs, device, keep_pruners=False, sketch_rows=None, progress=True):
-    """Pass 1: every layer's pruners fed on the dense model, and the scores they give (and,
-    when asked, the solved pruners themselves, to prune from the dense model's IDs)."""
+def measure_dense(model, adapter, inputs, device, keep=(), sketch_rows=None, sketch_seed=0, ffn=True,
+                  progress=True, desc="pass 1: dense Grams"):
+    """Pass 1: every layer's pruners fed on the model as it is (dense, but for ffn_then_attn),
+    and the scores they give; and the solved pruners of the blocks named in `keep` ("attn",
+    "ffn"; the others None), to prune from these IDs. ffn=False: the attention's only."""
     scores, pruners = [], []
-    for layer in tqdm(adapter.layers(model), desc="pass 1: dense Grams", disable=not progress):
+    for layer in tqdm(adapter.layers(model), desc=desc, disable=not progress):
         moved = move_to([layer], device)
-        attn, neurons = layer_pruners(adapter, layer, sketch_rows)
+        attn, neurons = layer_pruners(adapter, layer, sketch_rows, sketch_seed, ffn)
         for b, (x, extras, mask) in enumerate(zip(inputs.hidden, inputs.extras, inputs.masks)):
             context = adapter.attention_context(layer, x, extras)
             if attn:
@@ -84,8 +92,9 @@ def measure_dense(model, adapter, inputs, device, keep_pruners=False, sketch_row
             if pruner:
                 pruner.solve()
         scores.append(layer_scores(attn, neurons))
-        if keep_pruners:  # off the device: only the layer being worked on may be there
-            pruners.append(tuple(p and p.to("cpu") for p in (attn, neurons)))
+        if keep:  # off the device: only the layer being worked on may be there
+            pruners.append(tuple(p.to("cpu") if p and kind in keep else None
+                                 for kind, p in (("attn", attn), ("ffn", neurons))))
         restore(moved)
     return scores, pruners
 
@@ -122,7 +131,7 @@ def neuron_weight_norms(adapter, layer):
 
 @torch.no_grad()
 def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_ffn_pruners=None, sketch_rows=None,
-                     progress=True):
+                     sketch_seed=0, progress=True):
     """Pass 2: prune from the bottom, each layer's IDs measured on the pruned layers below.
 
     With `dense_ffn_pruners` (per layer, the solved FFN pruner of pass 1), the FFN IDs come
@@ -138,7 +147,7 @@ def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_
         kept_dims = torch.zeros(0, dtype=torch.long, device=device)
         if adapter.n_attn_units(layer):
             pruner = UnitPruner.attention(adapter.get(layer, adapter.attn_consumer).weight, adapter.attn_unit_dims(),
-                                          sketch_rows)
+                                          sketch_rows, sketch_seed)
             for context, mask in zip(contexts, inputs.masks):
                 pruner.add_batch(context, mask)
             keep, W_O = pruner.solve().prune(attn_units[l])
@@ -155,7 +164,7 @@ def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_
 
         if adapter.n_neurons(layer):
             if dense_ffn_pruners is None:
-                pruner = UnitPruner.neurons(adapter.get(layer, adapter.ffn_consumer).weight, sketch_rows)
+                pruner = UnitPruner.neurons(adapter.get(layer, adapter.ffn_consumer).weight, sketch_rows, sketch_seed)
                 for h, mask in zip(hs, inputs.masks):
                     pruner.add_batch(adapter.ffn_hidden(layer, h), mask)
                 pruner.solve()
@@ -173,7 +182,8 @@ def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_
 
 @torch.no_grad()
 def prune_from_pruners(model, adapter, attn_units, neurons, pruners):
-    """Prune every layer at once from decisions taken beforehand (dense IDs, or weight norms)."""
+    """Prune every layer at once from decisions taken beforehand (dense IDs, or weight norms);
+    a block whose pruner is None is left as it is."""
     for l, layer in enumerate(adapter.layers(model)):
         attn, ffn = pruners[l]
         if attn is not None:
@@ -191,17 +201,23 @@ def spread_subset(items, fraction):
 
 
 def stat_prune(model, adapter, batches, costs, mu, device, method="stat", allocation=None,
-               calibration="sequential", weighting=None, sketch_rows=None, score_fraction=0.25, progress=True):
+               calibration="sequential", weighting=None, sketch_rows=None, sketch_seed=0, score_fraction=0.25,
+               neuron_share=None, progress=True):
     """Prune `model` in place to at most μ of its attention and FFN MACs. Returns a PruneResult.
 
     costs: (MACs of one attention unit, MACs of one neuron), numbers (efficiency/macs.py).
     allocation: a name in ALLOCATORS; None: the adapter's default for its family (the one
-    place that default is resolved; PruneResult.allocation says which was used).
+    place that default is resolved; PruneResult.allocation says which was used). `faithful`
+    is the authors' rule in its decoder variant for a decoder, its BERT variant otherwise,
+    with `neuron_share` the fixed share of a layer's MACs its neurons take (None: the exact
+    share of `costs`).
     score_fraction: the share of the calibration batches (evenly spread) that pass 1 scores
     the dense model on. The allocation is a coarse decision: a quarter of the data measured
     as well as all of it (README), at a quarter of the cost; the IDs of pass 2 always use
-    every batch. (one_shot and dense_ffn prune with IDs from pass 1, so there pass 1 uses
-    every batch.)
+    every batch. (one_shot, dense_ffn and ffn_then_attn prune with IDs from pass 1, so there
+    pass 1 uses every batch.)
+    sketch_rows, sketch_seed: CountSketch every batch to this many rows (None: exact Grams),
+    with random buckets and signs drawn from this seed.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
@@ -213,22 +229,35 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     start = time.perf_counter()
     model.eval()
     batches = list(batches)
-    keep_pruners = method == "stat" and calibration != "sequential"
-    inputs = capture_inputs(model, adapter, batches if keep_pruners else spread_subset(batches, score_fraction), device)
-    scores, pruners = measure_dense(model, adapter, inputs, device, keep_pruners=keep_pruners,
-                                    sketch_rows=sketch_rows, progress=progress)
+    sketch = dict(sketch_rows=sketch_rows, sketch_seed=sketch_seed)
+    keep = {"sequential": (), "dense_ffn": ("ffn",), "one_shot": ("attn", "ffn"),
+            "ffn_then_attn": ("ffn",)}[calibration] if method == "stat" else ()
+    inputs = capture_inputs(model, adapter, batches if keep else spread_subset(batches, score_fraction), device)
+    scores, pruners = measure_dense(model, adapter, inputs, device, keep=keep, progress=progress, **sketch)
     del inputs
     attn_cost, neuron_cost = costs
+    options = {}
+    if allocation == "faithful":
+        options = {"variant": "opt" if adapter.is_decoder else "bert", "neuron_share": neuron_share}
     attn_units, neurons = ALLOCATORS[allocation](scores, attn_cost, neuron_cost, mu,
-                                                 weighting or adapter.depth_weighting)
+                                                 weighting or adapter.depth_weighting, **options)
     if method == "magnitude":
         prune_from_pruners(model, adapter, attn_units, neurons,
                            [magnitude_pruners(adapter, layer) for layer in adapter.layers(model)])
     elif calibration == "one_shot":
         prune_from_pruners(model, adapter, attn_units, neurons, pruners)
+    elif calibration == "ffn_then_attn":
+        prune_from_pruners(model, adapter, attn_units, neurons, pruners)  # the FFNs only
+        del pruners
+        inputs = capture_inputs(model, adapter, batches, device)
+        _, pruners = measure_dense(model, adapter, inputs, device, keep=("attn",), ffn=False, progress=progress,
+                                   desc="attention Grams on the FFN-pruned model", **sketch)
+        del inputs
+        prune_from_pruners(model, adapter, attn_units, neurons, pruners)  # the attention only
     else:
         inputs = capture_inputs(model, adapter, batches, device)
         dense_ffn_pruners = [ffn for _, ffn in pruners] if calibration == "dense_ffn" else None
-        prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_ffn_pruners, sketch_rows, progress)
+        prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_ffn_pruners, progress=progress,
+                         **sketch)
     return PruneResult(attn_units=list(attn_units), neurons=list(neurons), scores=scores, allocation=allocation,
                        seconds=time.perf_counter() - start)

@@ -46,21 +46,21 @@ class UnitPruner:
     (neurons) rather than on whole units of A (attention units).
     """
 
-    def __init__(self, W, unit_dims=1, scale_by_weight=False, sketch_rows=None):
+    def __init__(self, W, unit_dims=1, scale_by_weight=False, sketch_rows=None, sketch_seed=0):
         self.W = W.detach().double()
         self.unit_dims = unit_dims
         self.scale_by_weight = scale_by_weight
         self.n = W.shape[1] // unit_dims
-        self.gram = Gram(W.shape[1], W.device, sketch_rows)
+        self.gram = Gram(W.shape[1], W.device, sketch_rows, sketch_seed)
         self.order = self.factor = self.dim_scale = None
 
     @classmethod
-    def neurons(cls, W, sketch_rows=None):
-        return cls(W, 1, scale_by_weight=True, sketch_rows=sketch_rows)
+    def neurons(cls, W, sketch_rows=None, sketch_seed=0):
+        return cls(W, 1, scale_by_weight=True, sketch_rows=sketch_rows, sketch_seed=sketch_seed)
 
     @classmethod
-    def attention(cls, W, unit_dims, sketch_rows=None):
-        return cls(W, unit_dims, scale_by_weight=False, sketch_rows=sketch_rows)
+    def attention(cls, W, unit_dims, sketch_rows=None, sketch_seed=0):
+        return cls(W, unit_dims, scale_by_weight=False, sketch_rows=sketch_rows, sketch_seed=sketch_seed)
 
     def add_batch(self, A, mask=None):
         """A: (..., n·unit_dims) inputs of the consumer; mask: (...) bool, True for real tokens."""

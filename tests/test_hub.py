@@ -136,8 +136,10 @@ def test_prune_opt_reads_a_hub_id_from_the_cache(hub_cache, tmp_path):
 
 @pytest.mark.parametrize("flag", ["--model_name", "--model_dir"])
 def test_decoder_hub_id_offline_and_not_cached_is_one_line(tmp_path, capsys, flag):
-    argv = ["--model_name", "m", "--mu", "0.5", "--task", "text", "--output_dir", str(tmp_path / "out"),
-            flag, "nobody-here/no-such-model"]
+    for name in ("train.txt", "test.txt"):  # the corpus is checked first: give it one
+        (tmp_path / name).write_text("A dog ran to the sea. " * 80)
+    argv = ["--model_name", "m", "--mu", "0.5", "--task", "text", "--data_dir", str(tmp_path),
+            "--output_dir", str(tmp_path / "out"), flag, "nobody-here/no-such-model"]
     with pytest.raises(SystemExit) as info:
         run_main(lambda: prune_opt.main(argv))
     err = capsys.readouterr().err.strip()

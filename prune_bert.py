@@ -1,6 +1,7 @@
 """Prune a BERT-family classifier or question-answering model with STAT and score it.
 
     python prune_bert.py --model_name bert-base-uncased --task_name mnli --mu 0.5 --seed 0
+    python prune_bert.py ... --method kwon [--num_samples 2048]   # Kwon et al. 2022, same harness
 
 Loads models/<model_name>/<task_name> (or --model_dir), scores the dense model on the task's
 dev set, prunes to a fraction μ of the attention and FFN multiply-accumulates, scores the
@@ -9,7 +10,7 @@ the .jsonl beside it.
 """
 from evaluate.tasks import task_names
 from pipelines import encoder
-from pipelines.flags import add_mu_argument, add_stat_arguments, parser
+from pipelines.flags import add_kwon_arguments, add_mu_argument, add_stat_arguments, check_method_arguments, parser
 from utils.cli import output_dir, parse_command, positive_int, run_main, seed_value
 
 
@@ -27,7 +28,10 @@ def parse_args(argv=None):
     p.add_argument("--save_model", type=output_dir, metavar="DIR", help="write the pruned model here")
     p.add_argument("--batch_size", type=positive_int, default=64, help="batch size of calibration and evaluation")
     add_stat_arguments(p)
-    return parse_command(p, argv, "prune_bert.py")
+    add_kwon_arguments(p)
+    args = parse_command(p, argv, "prune_bert.py")
+    check_method_arguments(p, args)
+    return args
 
 
 def main(argv=None):

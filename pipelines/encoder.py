@@ -1,5 +1,6 @@
 """Encoder runs (prune_bert.py): load a fine-tuned classifier or QA model, score it, prune it
-with STAT, score it again, and write output/<model_name>/<task_name>.*."""
+(STAT, magnitude, or Kwon et al.'s method), score it again, and write
+output/<model_name>/<task_name>.*."""
 import os
 
 from efficiency.latency import measure_latency
@@ -7,6 +8,7 @@ from efficiency.macs import adapter_costs, count_parameters, model_macs
 from evaluate.tasks import check_checkpoint, make_task, task_names
 from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import load_config, load_model, load_tokenizer, save_pruned
+from prune.kwon import kwon_prune
 from prune.stat import stat_prune
 from utils.cli import require_dir, resolve_device, set_seed
 from utils.errors import UserError
@@ -47,7 +49,12 @@ def prune(args):
     tokenizer = load_tokenizer(model_dir)
     task = make_task(args.task_name, tokenizer, args.data_dir, args.batch_size)
     # drawn now: a sample larger than the training set fails before the model loads
-    calibration_sample = task.calibration_sample(args.sample_batch_size, args.seed)
+    kwon = args.method == "kwon"
+    if kwon:
+        calibration_sample, n_calibration = task.labelled_sample(args.num_samples, args.seed), args.num_samples
+    else:
+        calibration_sample = task.calibration_sample(args.sample_batch_size, args.seed)
+        n_calibration = args.sample_batch_size
     model = load_model(model_dir, device=device)
     adapter = adapter_for(model)
 
@@ -59,19 +66,23 @@ def prune(args):
     costs = adapter_costs(adapter, task.mac_seq_len)
     dense_macs = model_macs(*adapter.shape(model), costs)
 
-    calib_batches = task.batch_calibration(model, calibration_sample)
-    result = stat_prune(model, adapter, calib_batches, costs, args.mu, device,
-                        method=args.method, allocation=args.allocation, calibration=args.calibration,
-                        sketch_rows=args.sketch, score_fraction=args.score_fraction)
+    if kwon:
+        result = kwon_prune(model, adapter, task.labelled_batches(model, calibration_sample), costs, args.mu, device,
+                            classification=task.classification)
+    else:
+        result = stat_prune(model, adapter, task.batch_calibration(model, calibration_sample), costs, args.mu, device,
+                            method=args.method, allocation=args.allocation, calibration=args.calibration,
+                            sketch_rows=args.sketch, score_fraction=args.score_fraction)
 
     print("scoring the pruned model ...")
     pruned = task.evaluate(model, device)
     attn_units, neurons = adapter.shape(model)
     record = {
         "model_name": args.model_name, "task_name": args.task_name, "method": args.method,
-        "allocation": result.allocation, "calibration": args.calibration, "score_fraction": args.score_fraction,
+        "allocation": result.allocation, "calibration": "mask_tuning" if kwon else args.calibration,
+        "score_fraction": None if kwon else args.score_fraction,
         "mu": args.mu, "mac_ratio": model_macs(attn_units, neurons, costs) / dense_macs,
-        "seed": args.seed, "sample_batch_size": args.sample_batch_size,
+        "seed": args.seed, "sample_batch_size": n_calibration,
         "metric_name": task.metric_name, "dense_metric": dense[task.metric_name],
         "pruned_metric": pruned[task.metric_name], "metrics": {"dense": dense, "pruned": pruned},
         "heads_per_layer": attn_units, "neurons_per_layer": neurons,

@@ -27,7 +27,10 @@ from prune.allocation import ALLOCATORS, LayerScores
 from prune.interpolative import expand_groups
 from prune.units import MagnitudePruner, UnitPruner
 
-METHODS = ("stat", "magnitude")
+# every pruning method, the one list the flags offer: stat and magnitude run through
+# stat_prune below; kwon (Kwon et al. 2022) needs labelled batches and runs through
+# prune/kwon.py's kwon_prune
+METHODS = ("stat", "magnitude", "kwon")
 # sequential: both IDs of a layer measured on the pruned layers below it (DESIGN.md §4);
 # dense_ffn: only the attention IDs re-measured, the FFN IDs from the dense model;
 # one_shot: every ID from the dense model.
@@ -203,8 +206,8 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     every batch. (one_shot and dense_ffn prune with IDs from pass 1, so there pass 1 uses
     every batch.)
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+    if method not in METHODS or method == "kwon":
+        raise ValueError(f"stat_prune runs stat or magnitude, not {method!r} (kwon: prune.kwon.kwon_prune)")
     if calibration not in CALIBRATIONS:
         raise ValueError(f"unknown calibration {calibration!r}: choose from {', '.join(CALIBRATIONS)}")
     allocation = allocation or adapter.default_allocation

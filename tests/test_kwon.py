@@ -14,16 +14,10 @@ from prerequisites.layerwise import capture_inputs
 from prune.kwon import fisher, kwon_prune, mask_gradients, rearrange, rearrangement_objective, search_mac
 from prune.mask_tuning import damped_lsmr, tune_masks
 from prune.masks import UnitMasks, masks_applied, prune_to_masks
+from tiny import one_thread  # noqa: F401  (a fixture)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tiny models run hundreds of forward passes each a few milliseconds long: a second
-    thread only adds synchronisation (on a busy machine, 100x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def labelled(batches, qa=False, regression=False, seed=0):

@@ -114,34 +114,32 @@ def _tune_layer(adapter, layer, l, last, teacher, tuned, teacher_x, student_x, i
             return False
         tuned.attn[l][kept] *= torch.as_tensor(scales, dtype=tuned.attn[l].dtype, device=tuned.attn[l].device)
 
-    # FFN: the layer's inputs are replaced by the attention blocks' outputs (the FFN's inputs)
+    # FFN: the teacher's activations go through the whole layer now (its masks are fixed); the
+    # student's reach the FFN's input, and pass its output once the scales are known
     student_dims = tuned.attn_dims(l, unit_dims).to(W_O.device)
     W_2 = adapter.get(layer, adapter.ffn_consumer).weight
     kept = torch.nonzero(tuned.neurons[l]).flatten()
     equations = _NeuronEquations(W_2, kept.to(W_2.device)) if len(kept) else None
     first_token = classification and last
     for b in range(len(teacher_x)):
-        teacher_x[b] = adapter.after_attention(layer, teacher_ctx[b], teacher_x[b])
+        t_h = adapter.after_attention(layer, teacher_ctx[b], teacher_x[b])
         student_x[b] = adapter.after_attention(layer, student_ctx[b] * student_dims, student_x[b])
         teacher_ctx[b] = student_ctx[b] = None
+        t_hidden = adapter.ffn_hidden(layer, t_h)
         if equations:
-            t_hidden = adapter.ffn_hidden(layer, teacher_x[b])  # unmasked: see the module docstring
             mask = inputs.masks[b]
             equations.add_batch(_rows(adapter.ffn_hidden(layer, student_x[b]), mask, first_token),
                                 _rows(student_x[b], mask, first_token),
-                                _rows(t_hidden @ W_2.T + teacher_x[b], mask, first_token))
+                                _rows(t_hidden @ W_2.T + t_h, mask, first_token))  # unmasked: see the docstring
+        teacher_x[b] = adapter.after_ffn(layer, t_hidden * teacher.neurons[l].to(t_hidden.dtype), t_h)
     if equations:
         scales, ok = solver(*equations.system())
         if not _usable(scales, ok):
             return False
         tuned.neurons[l][kept] *= torch.as_tensor(scales, dtype=tuned.neurons[l].dtype,
                                                   device=tuned.neurons[l].device)
-
-    # both sets of activations through the masked FFN: the next layer's inputs
-    for b in range(len(teacher_x)):
-        for x, masks in ((teacher_x, teacher), (student_x, tuned)):
-            h = x[b]
-            x[b] = adapter.after_ffn(layer, adapter.ffn_hidden(layer, h) * masks.neurons[l].to(h.dtype), h)
+    for b, h in enumerate(student_x):
+        student_x[b] = adapter.after_ffn(layer, adapter.ffn_hidden(layer, h) * tuned.neurons[l].to(h.dtype), h)
     return True
 
 

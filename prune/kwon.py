@@ -18,13 +18,21 @@
 
 Deviations from their code, each for a reason stated where it is made:
 - the search never keeps more heads than the budget pays for (theirs could, with no neurons
-  left, exceed it) and takes the first best candidate even when every importance is zero
-  (theirs then has no mask and fails);
+  left, exceed it), and takes the first best candidate even when every importance is zero
+  (theirs then has no mask and fails); the neuron count is floored with a 1e-9 allowance, as
+  prune/allocation.py does, so that an exact budget does not lose a neuron to rounding;
 - rearrangement starts from the searched mask's pruned units (theirs from the lowest Fisher
   values of the layer: the same units, unless two values tie exactly);
-- gradients, Fisher sums and normal equations in float64 (theirs float32);
-- the MAC costs are the repository's (efficiency/macs.py, the same formula as theirs) and may
-  differ per model family (they assume BERT's).
+- gradients, Fisher sums and normal equations in float64, LSMR on the CPU (theirs float32,
+  cupy);
+- a 1 × 1 tuning system (one neuron kept) is solved as their closed form says (theirs then
+  fails on a missing LSMR status), and a non-finite scale stops tuning like an out-of-range one;
+- the mini-batches are 32 (GLUE) or 12 (SQuAD) for every model (theirs halves them for
+  models named *large*, for GPU memory);
+- units are masked at the consumers' inputs rather than through `head_mask` (gone from
+  transformers), which scales each head's output the same way;
+- the MAC costs are the repository's (efficiency/macs.py, the same formula as theirs, per
+  model family); the result is a smaller model, theirs masks.
 """
 import math
 import sys

@@ -15,6 +15,7 @@ import random
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from utils.errors import UserError, not_utf8
 
@@ -219,7 +220,8 @@ def train_feature_counts(examples, tokenizer, max_length=384, stride=128, chunk=
     sample drawn from all the features of the training set needs their number, and holding
     all of them (~88k lists of up to 384 token ids) would take gigabytes."""
     counts = np.zeros(len(examples), dtype=np.int64)
-    for lo in range(0, len(examples), chunk):
+    for lo in tqdm(range(0, len(examples), chunk), desc="counting SQuAD training features", leave=False,
+                   disable=len(examples) <= chunk):
         enc = _tokenize(examples[lo:lo + chunk], tokenizer, max_length, stride)
         np.add.at(counts, lo + np.asarray(enc["overflow_to_sample_mapping"], dtype=np.int64), 1)
     return counts

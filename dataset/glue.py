@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dataset.sampling import draw_with_replacement
 from utils.errors import UserError, not_utf8
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -262,8 +263,7 @@ def calibration_indices(size, n, seed, sampler, what="examples"):
     if size == 0:
         raise UserError(f"the training set has no {what} to calibrate on")
     if sampler == "with_replacement":
-        # a RandomState seeded with seed is the stream np.random.seed(seed) sets, left global there
-        return np.random.RandomState(seed).choice(size, n).tolist()
+        return draw_with_replacement(size, n, seed).tolist()
     if n > size:
         raise UserError(f"asked for {n} calibration {what}, but the split has only {size}")
     return np.random.default_rng(seed).choice(size, size=n, replace=False).tolist()

@@ -9,8 +9,9 @@ import sys
 import numpy as np
 
 from dataset import glue, squad
+from dataset.sampling import draw_with_replacement
 from evaluate.glue import evaluate_task
-from evaluate.inputs import accepted_inputs
+from evaluate.inputs import accepted_inputs, labelled_inputs
 from evaluate.squad import evaluate_squad
 from utils.cache import fingerprint
 from utils.errors import UserError
@@ -57,6 +58,11 @@ def class_to_label(spec, config):
 
 
 class GlueTask:
+    # Kwon et al.'s mini-batches for their Fisher importance (its value depends on them: it
+    # sums squared mini-batch gradients); the last layer of a classifier is tuned on [CLS] only
+    labelled_batch_size = 32
+    classification = True
+
     def __init__(self, name, tokenizer, data_dir, batch_size):
         self.spec = glue.get_task(name)
         self.name = name
@@ -86,6 +92,16 @@ class GlueTask:
     def batch_calibration(self, model, sample):
         return [accepted_inputs(model, b) for b in glue.batches(sample, self.batch_size, self.tokenizer.pad_token_id)]
 
+    def labelled_sample(self, n, seed):
+        """Kwon et al.'s sample: n encoded training examples with their labels, drawn with
+        replacement (dataset/sampling.py), in the order drawn."""
+        picks = draw_with_replacement(len(self.train), n, seed)
+        return glue.encode([self.train[i] for i in picks], self.tokenizer, self.spec)
+
+    def labelled_batches(self, model, sample):
+        return [labelled_inputs(model, b)
+                for b in glue.batches(sample, self.labelled_batch_size, self.tokenizer.pad_token_id)]
+
     def evaluate(self, model, device):
         batches = {split: self._batches(encoded, model) for split, encoded in self.eval_sets.items()}
         mapping = class_to_label(self.spec, model.config)
@@ -107,6 +123,9 @@ class GlueTask:
 
 
 class SquadTask:
+    labelled_batch_size = 12  # Kwon et al.'s, for SQuAD
+    classification = False
+
     def __init__(self, name, tokenizer, data_dir, batch_size):
         self.name = name
         self.version = SQUAD_VERSIONS[name]
@@ -140,6 +159,17 @@ class SquadTask:
     def _all_train_features(self):
         print(f"featurising all {len(self.train)} training questions for the calibration draw ...")
         return squad.prepare_train_features(self.train, self.tokenizer)
+
+    def labelled_sample(self, n, seed):
+        """Kwon et al.'s sample: n of all the training features (with the answers' start and
+        end positions), drawn with replacement, in the order drawn."""
+        counts = squad.train_feature_counts(self.train, self.tokenizer)
+        picks = draw_with_replacement(int(counts.sum()), n, seed)
+        return squad.train_features_at(self.train, self.tokenizer, picks, counts)
+
+    def labelled_batches(self, model, sample):
+        return [labelled_inputs(model, squad.collate(chunk, self.tokenizer.pad_token_id, with_positions=True))
+                for chunk in squad.batches(sample, self.labelled_batch_size)]
 
     def _some_train_features(self, n, seed, chunk=1000):
         """Features of training examples taken in a seeded random order until there are at

@@ -9,9 +9,9 @@ import os
 from typing import Callable, NamedTuple, Optional
 
 from evaluate.tasks import task_names
-from pipelines.flags import (add_mu_argument, add_protocol_argument, add_quantize_arguments, add_sampler_argument,
-                             add_stat_arguments, check_quantize_arguments,
-                             decoder_parser, parser)
+from pipelines.flags import (add_kwon_arguments, add_mu_argument, add_protocol_argument, add_quantize_arguments,
+                             add_sampler_argument, add_stat_arguments, check_method_arguments,
+                             check_quantize_arguments, decoder_parser, parser)
 from utils.cli import output_dir, parse_command, positive_int, seed_value
 
 
@@ -31,6 +31,7 @@ def prune_bert_parser(description=None):
     p.add_argument("--batch_size", type=positive_int, default=64, help="batch size of calibration and evaluation")
     add_stat_arguments(p)
     add_sampler_argument(p)
+    add_kwon_arguments(p)
     return p
 
 
@@ -66,6 +67,15 @@ def decoder_result_stem(args):
     return os.path.join(args.output_dir, "opt", args.model_name)
 
 
+def check_prune_opt(p, args):
+    check_method_arguments(p, args, encoder=False)
+
+
+def check_quantize_opt(p, args):
+    check_quantize_arguments(p, args, wbits_required=True)
+    check_method_arguments(p, args, encoder=False)
+
+
 class Command(NamedTuple):
     parser: Callable  # description -> ArgumentParser
     check: Optional[Callable]  # (parser, args): one-line errors for combinations argparse cannot see
@@ -73,10 +83,9 @@ class Command(NamedTuple):
 
 
 COMMANDS = {
-    "prune_bert.py": Command(prune_bert_parser, None, encoder_result_stem),
-    "prune_opt.py": Command(prune_opt_parser, None, decoder_result_stem),
-    "quantize_opt.py": Command(quantize_opt_parser, lambda p, args: check_quantize_arguments(p, args, wbits_required=True),
-                               decoder_result_stem),
+    "prune_bert.py": Command(prune_bert_parser, check_method_arguments, encoder_result_stem),
+    "prune_opt.py": Command(prune_opt_parser, check_prune_opt, decoder_result_stem),
+    "quantize_opt.py": Command(quantize_opt_parser, check_quantize_opt, decoder_result_stem),
     "opt_eval.py": Command(opt_eval_parser, check_quantize_arguments, decoder_result_stem),
 }
 

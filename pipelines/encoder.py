@@ -1,5 +1,6 @@
 """Encoder runs (prune_bert.py): load a fine-tuned classifier or QA model, score it, prune it
-with STAT, score it again, and write output/<model_name>/<task_name>.*."""
+(STAT, magnitude, or Kwon et al.'s method), score it again, and write
+output/<model_name>/<task_name>.*."""
 import os
 
 from efficiency.latency import measure_latency
@@ -10,6 +11,7 @@ from pipelines.commands import encoder_result_stem
 from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import checkpoint_identity, load_config, load_model, load_tokenizer, save_pruned
 from prerequisites.hub import resolve_checkpoint
+from prune.kwon import kwon_prune
 from prune.stat import stat_prune
 from utils.cache import DenseCache
 from utils.cli import resolve_device, set_seed
@@ -67,7 +69,13 @@ def prune(args):
     tokenizer = load_tokenizer(model_dir)
     task = make_task(args.task_name, tokenizer, args.data_dir, args.batch_size)
     # drawn now: a sample larger than the training set fails before the model loads
-    calibration_sample = task.calibration_sample(args.sample_batch_size, args.seed, args.sampler)
+    kwon = args.method == "kwon"
+    if kwon:  # Kwon et al.'s own labelled draw, with replacement
+        calibration_sample, n_calibration = task.labelled_sample(args.num_samples, args.seed), args.num_samples
+        knobs.update(calibration="mask_tuning", score_fraction=None, sampler="with_replacement")
+    else:
+        calibration_sample = task.calibration_sample(args.sample_batch_size, args.seed, args.sampler)
+        n_calibration = args.sample_batch_size
     model = load_model(model_dir, device=device)
     adapter = adapter_for(model)
 
@@ -79,11 +87,15 @@ def prune(args):
     dense_shape = adapter.shape(model)
     prices = unit_prices(adapter, dense_shape, task.mac_seq_len, "encoder")
 
-    calib_batches = task.batch_calibration(model, calibration_sample)
-    result = stat_prune(model, adapter, calib_batches, prices[args.mac_split], args.mu, device,
-                        method=args.method, allocation=args.allocation, calibration=args.calibration,
-                        sketch_rows=args.sketch, sketch_seed=args.seed, score_fraction=args.score_fraction,
-                        neuron_share=AUTHORS_NEURON_SHARE["encoder"] if args.mac_split == "authors" else None)
+    if kwon:
+        result = kwon_prune(model, adapter, task.labelled_batches(model, calibration_sample), prices[args.mac_split],
+                            args.mu, device, classification=task.classification)
+    else:
+        calib_batches = task.batch_calibration(model, calibration_sample)
+        result = stat_prune(model, adapter, calib_batches, prices[args.mac_split], args.mu, device,
+                            method=args.method, allocation=args.allocation, calibration=args.calibration,
+                            sketch_rows=args.sketch, sketch_seed=args.seed, score_fraction=args.score_fraction,
+                            neuron_share=AUTHORS_NEURON_SHARE["encoder"] if args.mac_split == "authors" else None)
 
     print("scoring the pruned model ...")
     pruned = task.evaluate(model, device)
@@ -95,7 +107,7 @@ def prune(args):
         "sketch": args.sketch, "sketch_seed": args.seed if args.sketch else None,
         "batch_size": args.batch_size, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "mu": args.mu, "mac_ratio": mac_ratio, "mac_ratio_authors": mac_ratio_authors,
-        "seed": args.seed, "sample_batch_size": args.sample_batch_size, "dense_cached": dense_cached,
+        "seed": args.seed, "sample_batch_size": n_calibration, "dense_cached": dense_cached,
         "metric_name": task.metric_name, "dense_metric": dense[task.metric_name],
         "pruned_metric": pruned[task.metric_name], "metrics": {"dense": dense, "pruned": pruned},
         "heads_per_layer": attn_units, "neurons_per_layer": neurons,

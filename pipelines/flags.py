@@ -34,7 +34,8 @@ def add_stat_arguments(p):
     Those marked [protocol] default to None: pipelines/protocol.py fills them."""
     p.add_argument("--method", choices=METHODS, default="stat",
                    help="stat: interpolative decompositions with corrections; magnitude: same allocation, "
-                        "units ranked by weight norms, no correction")
+                        "units ranked by weight norms, no correction; kwon: Kwon et al. 2022 (Fisher importance "
+                        "of a task loss, mask search, rearrangement and tuning; prune_bert.py only)")
     p.add_argument("--allocation", choices=list(ALLOCATORS),
                    help="[protocol] how the MAC budget is shared across layers: greedy (error removed per MAC; "
                         "improved, encoders), ffn_greedy (all heads kept; improved, decoders), faithful (the "
@@ -56,11 +57,65 @@ def add_stat_arguments(p):
                         "(approximate; for very long calibration sets; its draws follow --seed)")
 
 
+# what kwon ignores: it draws its own labelled sample (--num_samples) as Kwon et al. do
+STAT_ONLY_FLAGS = ("allocation", "calibration", "score_fraction", "sketch", "sampler", "sample_batch_size")
+
+
+def add_kwon_arguments(p):
+    """prune_bert.py's flag for --method kwon."""
+    p.add_argument("--num_samples", type=positive_int, default=2048,
+                   help="--method kwon: labelled training examples (SQuAD: features) drawn with replacement, "
+                        "as Kwon et al. draw them, in mini-batches of 32 (SQuAD: 12)")
+
+
+def check_method_arguments(p, args, encoder=True):
+    """One-line errors (exit 2) for flags that the chosen method would silently ignore, and
+    for kwon on a decoder."""
+    if not encoder:
+        if args.method == "kwon":
+            p.error("--method kwon prunes encoders (prune_bert.py): its importance is the gradient of a task "
+                    "loss on labelled examples")
+        return
+    if args.method == "kwon":
+        given = [f"--{flag}" for flag in STAT_ONLY_FLAGS if getattr(args, flag) != p.get_default(flag)]
+        if given:
+            p.error(f"{', '.join(given)} apply to --method stat and magnitude, not kwon (kwon's sample: --num_samples)")
+    elif args.num_samples != p.get_default("num_samples"):
+        p.error("--num_samples applies to --method kwon (stat and magnitude: --sample_batch_size)")
+
+
 def add_sampler_argument(p):
     """How an encoder's calibration examples are drawn (prune_bert.py)."""
     p.add_argument("--sampler", choices=SAMPLERS,
                    help="[protocol] how the calibration examples are drawn: distinct (improved): different "
                         "examples; with_replacement (paper): np.random.choice, as Kwon et al. and the authors")
+
+
+STAT_ONLY_FLAGS = ("allocation", "calibration", "score_fraction", "sketch")
+
+
+def add_kwon_arguments(p):
+    """prune_bert.py's flag for --method kwon."""
+    p.add_argument("--num_samples", type=positive_int, default=2048,
+                   help="--method kwon: labelled training examples (SQuAD: features) drawn with replacement, "
+                        "as Kwon et al. draw them, in mini-batches of 32 (SQuAD: 12)")
+
+
+def check_method_arguments(p, args, encoder=True):
+    """One-line errors (exit 2) for flags that the chosen method would silently ignore, and
+    for kwon on a decoder."""
+    if not encoder:
+        if args.method == "kwon":
+            p.error("--method kwon prunes encoders (prune_bert.py): its importance is the gradient of a task "
+                    "loss on labelled examples")
+        return
+    if args.method == "kwon":
+        given = [f"--{flag}" for flag in STAT_ONLY_FLAGS + ("sample_batch_size",) if getattr(args, flag) !=
+                 p.get_default(flag)]
+        if given:
+            p.error(f"{', '.join(given)} apply to --method stat and magnitude, not kwon (kwon's sample: --num_samples)")
+    elif args.num_samples != p.get_default("num_samples"):
+        p.error("--num_samples applies to --method kwon (stat and magnitude: --sample_batch_size)")
 
 
 def add_mu_argument(p):

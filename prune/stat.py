@@ -27,7 +27,10 @@ from prune.allocation import ALLOCATORS, LayerScores
 from prune.interpolative import expand_groups
 from prune.units import MagnitudePruner, UnitPruner
 
-METHODS = ("stat", "magnitude")
+# every pruning method, the one list the flags offer: stat and magnitude run through
+# stat_prune below; kwon (Kwon et al. 2022) needs labelled batches and runs through
+# prune/kwon.py's kwon_prune
+METHODS = ("stat", "magnitude", "kwon")
 # Where each layer's IDs (the choice of units and the correction) are measured:
 # sequential: both IDs of a layer on the pruned layers below it (DESIGN.md §4);
 # dense_ffn: only the attention IDs re-measured so, the FFN IDs from the dense model;
@@ -219,8 +222,8 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     sketch_rows, sketch_seed: CountSketch every batch to this many rows (None: exact Grams),
     with random buckets and signs drawn from this seed.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+    if method not in METHODS or method == "kwon":
+        raise ValueError(f"stat_prune runs stat or magnitude, not {method!r} (kwon: prune.kwon.kwon_prune)")
     if calibration not in CALIBRATIONS:
         raise ValueError(f"unknown calibration {calibration!r}: choose from {', '.join(CALIBRATIONS)}")
     allocation = allocation or adapter.default_allocation

@@ -8,7 +8,7 @@ The GPTQ protocol (DESIGN.md §6), layer by layer. The quantization flags are th
 quantize_opt.py. Results: output/opt/<model_name>.txt and .jsonl.
 """
 from pipelines import decoder
-from pipelines.flags import add_quantize_arguments, check_quantize_arguments, decoder_parser
+from pipelines.flags import add_quantize_arguments, check_lm_eval_arguments, check_quantize_arguments, decoder_parser
 from utils.cli import parse_command, run_main
 
 
@@ -17,6 +17,7 @@ def parse_args(argv=None):
     add_quantize_arguments(p, wbits_required=False)
     args = parse_command(p, argv, "opt_eval.py")
     check_quantize_arguments(p, args)
+    check_lm_eval_arguments(p, args)
     return args
 
 

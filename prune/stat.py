@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from prerequisites.layerwise import capture_inputs, move_to, restore
+from prerequisites.layerwise import capture_inputs, each_layer
 from prune.allocation import ALLOCATORS, LayerScores
 from prune.interpolative import expand_groups
 from prune.units import MagnitudePruner, UnitPruner
@@ -64,12 +63,11 @@ def layer_scores(attn, neurons):
 
 
 @torch.no_grad()
-def measure_dense(model, adapter, inputs, device, keep_pruners=False, sketch_rows=None, progress=True):
+def measure_dense(model, adapter, inputs, device, keep_pruners=False, sketch_rows=None, progress=True, store=None):
     """Pass 1: every layer's pruners fed on the dense model, and the scores they give (and,
     when asked, the solved pruners themselves, to prune from the dense model's IDs)."""
     scores, pruners = [], []
-    for layer in tqdm(adapter.layers(model), desc="pass 1: dense Grams", disable=not progress):
-        moved = move_to([layer], device)
+    for _, layer in each_layer(model, adapter, device, store, desc="pass 1: dense Grams", progress=progress):
         attn, neurons = layer_pruners(adapter, layer, sketch_rows)
         for b, (x, extras, mask) in enumerate(zip(inputs.hidden, inputs.extras, inputs.masks)):
             context = adapter.attention_context(layer, x, extras)
@@ -86,7 +84,6 @@ def measure_dense(model, adapter, inputs, device, keep_pruners=False, sketch_row
         scores.append(layer_scores(attn, neurons))
         if keep_pruners:  # off the device: only the layer being worked on may be there
             pruners.append(tuple(p and p.to("cpu") for p in (attn, neurons)))
-        restore(moved)
     return scores, pruners
 
 
@@ -122,7 +119,7 @@ def neuron_weight_norms(adapter, layer):
 
 @torch.no_grad()
 def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_ffn_pruners=None, sketch_rows=None,
-                     progress=True):
+                     progress=True, store=None):
     """Pass 2: prune from the bottom, each layer's IDs measured on the pruned layers below.
 
     With `dense_ffn_pruners` (per layer, the solved FFN pruner of pass 1), the FFN IDs come
@@ -132,8 +129,7 @@ def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_
     Memory: two activation-sized sets of tensors at most, the layer's inputs and its
     attention outputs, each batch's dropped as soon as it has been used for the last time.
     """
-    for l, layer in enumerate(tqdm(adapter.layers(model), desc="pass 2: prune", disable=not progress)):
-        moved = move_to([layer], device)
+    for l, layer in each_layer(model, adapter, device, store, changes=True, desc="pass 2: prune", progress=progress):
         contexts = [adapter.attention_context(layer, x, extras) for x, extras in zip(inputs.hidden, inputs.extras)]
         kept_dims = torch.zeros(0, dtype=torch.long, device=device)
         if adapter.n_attn_units(layer):
@@ -168,14 +164,14 @@ def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_
             inputs.hidden[b] = adapter.after_ffn(layer, adapter.ffn_hidden(layer, h), h)
             hs[b] = None
         del contexts, hs  # one list under two names
-        restore(moved)
 
 
 @torch.no_grad()
-def prune_from_pruners(model, adapter, attn_units, neurons, pruners):
-    """Prune every layer at once from decisions taken beforehand (dense IDs, or weight norms)."""
-    for l, layer in enumerate(adapter.layers(model)):
-        attn, ffn = pruners[l]
+def prune_from_pruners(model, adapter, attn_units, neurons, pruners_of, store=None):
+    """Prune every layer from decisions taken beforehand (dense IDs, or weight norms):
+    `pruners_of(index, layer)` gives a layer's (attention, FFN) pruners."""
+    for l, layer in each_layer(model, adapter, "cpu", store, changes=True, progress=False):
+        attn, ffn = pruners_of(l, layer)
         if attn is not None:
             adapter.prune_attn_units(layer, *attn.prune(attn_units[l]))
         if ffn is not None:
@@ -191,7 +187,8 @@ def spread_subset(items, fraction):
 
 
 def stat_prune(model, adapter, batches, costs, mu, device, method="stat", allocation=None,
-               calibration="sequential", weighting=None, sketch_rows=None, score_fraction=0.25, progress=True):
+               calibration="sequential", weighting=None, sketch_rows=None, score_fraction=0.25, progress=True,
+               store=None):
     """Prune `model` in place to at most μ of its attention and FFN MACs. Returns a PruneResult.
 
     costs: (MACs of one attention unit, MACs of one neuron), numbers (efficiency/macs.py).
@@ -202,6 +199,7 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     as well as all of it (README), at a quarter of the cost; the IDs of pass 2 always use
     every batch. (one_shot and dense_ffn prune with IDs from pass 1, so there pass 1 uses
     every batch.)
+    store: a LayerStore when the layers live on disk between their turns (--low_memory).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
@@ -216,19 +214,20 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     keep_pruners = method == "stat" and calibration != "sequential"
     inputs = capture_inputs(model, adapter, batches if keep_pruners else spread_subset(batches, score_fraction), device)
     scores, pruners = measure_dense(model, adapter, inputs, device, keep_pruners=keep_pruners,
-                                    sketch_rows=sketch_rows, progress=progress)
+                                    sketch_rows=sketch_rows, progress=progress, store=store)
     del inputs
     attn_cost, neuron_cost = costs
     attn_units, neurons = ALLOCATORS[allocation](scores, attn_cost, neuron_cost, mu,
                                                  weighting or adapter.depth_weighting)
     if method == "magnitude":
-        prune_from_pruners(model, adapter, attn_units, neurons,
-                           [magnitude_pruners(adapter, layer) for layer in adapter.layers(model)])
+        prune_from_pruners(model, adapter, attn_units, neurons, lambda l, layer: magnitude_pruners(adapter, layer),
+                           store)
     elif calibration == "one_shot":
-        prune_from_pruners(model, adapter, attn_units, neurons, pruners)
+        prune_from_pruners(model, adapter, attn_units, neurons, lambda l, layer: pruners[l], store)
     else:
         inputs = capture_inputs(model, adapter, batches, device)
         dense_ffn_pruners = [ffn for _, ffn in pruners] if calibration == "dense_ffn" else None
-        prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_ffn_pruners, sketch_rows, progress)
+        prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_ffn_pruners, sketch_rows, progress,
+                         store)
     return PruneResult(attn_units=list(attn_units), neurons=list(neurons), scores=scores, allocation=allocation,
                        seconds=time.perf_counter() - start)

@@ -129,6 +129,7 @@ class LayerStore:
         self.model = model
         self.files, self.names = files, names
         self.folder = folder
+        os.makedirs(folder, exist_ok=True)
         self.dtype = dtype
         self.layers = adapter.layers(model)
         self.prefixes = [name + "." for name in adapter.layer_names(model)]

@@ -193,10 +193,6 @@ def quantize_and_report(args, device, model, adapter, tokenizer, windows, calib_
     return lines
 
 
-# ---------------------------------------------------------------------------------------------
-# Zero-shot scores (lm-evaluation-harness, in a process of its own: evaluate/zero_shot.py)
-
-
 def save_model(model, path, tokenizer, store=None):
     """Write a pruned (or dense) model as a pruned checkpoint: in one go, or with a LayerStore
     layer by layer (the same checkpoint, sharded)."""
@@ -204,6 +200,10 @@ def save_model(model, path, tokenizer, store=None):
         save_pruned(model, path, tokenizer)
     else:
         store.save(path, tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero-shot scores (lm-evaluation-harness, in a process of its own: evaluate/zero_shot.py)
 
 
 def temporary_checkpoint(model, tokenizer, stack, store=None):

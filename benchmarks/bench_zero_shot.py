@@ -19,13 +19,13 @@ import json
 import os
 import random
 import re
+import subprocess
 import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import prune_opt  # noqa: E402
 from dataset.lm import AUSTEN_DIR, AUSTEN_EVAL  # noqa: E402
 from scripts.convert_smollm2 import DEFAULT_OUT, convert  # noqa: E402
 
@@ -75,10 +75,11 @@ def main():
         with open(os.path.join(folder, "task.yaml"), "w", encoding="utf-8") as f:
             f.write(TASK_YAML.format(task=TASK, data=os.path.join(folder, "questions.jsonl")))
         print(f"task {TASK}: {len(docs)} questions, e.g. {json.dumps(docs[0])}", flush=True)
-        prune_opt.main(["--model_name", "smollm2-135m", "--model_dir", model_dir, "--task", "austen",
-                        "--mu", args.mu, "--seed", "0", "--nsamples", "32", "--seqlen", "512", "--eval_samples", "10",
-                        "--device", "cpu", "--output_dir", os.path.join(folder, "output"),
-                        "--lm_eval_tasks", TASK, "--lm_eval_include_path", folder])
+        subprocess.run([sys.executable, os.path.join(ROOT, "prune_opt.py"), "--model_name", "smollm2-135m",
+                        "--model_dir", model_dir, "--task", "austen", "--mu", args.mu, "--seed", "0", "--nsamples",
+                        "32", "--seqlen", "512", "--eval_samples", "10", "--device", "cpu", "--output_dir",
+                        os.path.join(folder, "output"), "--lm_eval_tasks", TASK, "--lm_eval_include_path", folder],
+                       check=True)
 
 
 if __name__ == "__main__":

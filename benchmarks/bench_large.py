@@ -86,8 +86,11 @@ def sizes(args):
     """Bytes of the model, one layer, the embeddings + LM head, one set of calibration hidden states."""
     layer = sum(torch.Size(s).numel() for s in layer_shapes(args).values()) * 4
     embeddings = 2 * args.vocab * args.hidden * 4 + args.hidden * 4
+    # STAT's own matrices for one layer: the FFN's Gram and its pivoted Cholesky factor (float64,
+    # n x n each) and the FFN output projection in float64 (prune/units.py)
+    stat = 2 * args.ffn ** 2 * 8 + args.hidden * args.ffn * 8
     return {"model": args.layers * layer + embeddings, "layer": layer, "embeddings": embeddings,
-            "activations": args.windows * args.seqlen * args.hidden * 4}
+            "activations": args.windows * args.seqlen * args.hidden * 4, "stat": stat}
 
 
 def child(args):
@@ -167,19 +170,21 @@ def main():
               f"(peak RSS while building {building.peak_mb / 1024:.2f} GB above start)")
         print(f"one layer {s['layer'] / GB:.3f} GB; embeddings + LM head {s['embeddings'] / GB:.3f} GB; calibration "
               f"{args.windows} x {args.seqlen} tokens: {s['activations'] / GB:.3f} GB per set of hidden states; "
-              f"mu {args.mu}")
+              f"STAT's matrices for one layer {s['stat'] / GB:.3f} GB; mu {args.mu}")
         bound = s["layer"] + s["activations"] + s["embeddings"]
+        with_stat = bound + s["stat"]
         runs = [("streamed", "--low_memory")] + ([("in_memory", "in memory (default)")] if args.in_memory else [])
-        print(f"\n{'run':<22}{'peak RSS GB':>12}{'above start':>12}{'/ model':>9}{'/ bound':>9}"
+        print(f"\n{'run':<22}{'peak RSS GB':>12}{'above start':>12}{'/ model':>9}{'/ bound':>9}{'/ +STAT':>9}"
               f"{'load s':>8}{'prune s':>9}{'save s':>8}{'pruned GB':>11}")
         for how, label in runs:
             r = run_child(args, how, work)
             above = r["peak_above_start_mb"] * 2**20
             print(f"{label:<22}{r['max_rss_mb'] / 1024:>12.2f}{above / GB:>12.2f}{above / s['model']:>9.2f}"
-                  f"{above / bound:>9.2f}{r['load']:>8.1f}{r['prune']:>9.1f}{r['save']:>8.1f}{r['pruned_gb']:>11.2f}")
+                  f"{above / bound:>9.2f}{above / with_stat:>9.2f}{r['load']:>8.1f}{r['prune']:>9.1f}{r['save']:>8.1f}{r['pruned_gb']:>11.2f}")
             assert r["saved_matches"], "the saved checkpoint does not record the pruned shapes"
-        print(f"\nbound = one layer + one set of activations + embeddings = {bound / GB:.2f} GB; 'above start': peak "
-              f"RSS of the child process above its RSS after imports (sampled every 2 ms)")
+        print(f"\nbound = one layer + one set of activations + embeddings = {bound / GB:.2f} GB; +STAT: plus STAT's "
+              f"matrices for one layer = {with_stat / GB:.2f} GB; 'above start': peak RSS of the child process above "
+              f"its RSS after imports (sampled every 2 ms)")
     finally:
         shutil.rmtree(work)
 

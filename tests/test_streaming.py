@@ -102,8 +102,10 @@ def test_streamed_pruning_writes_the_same_checkpoint(family, method, calibration
     files = sorted(os.listdir(tmp_path / "streamed"))
     assert INDEX_FILE in files and "model-00004-of-00004.safetensors" in files and "modeling_stat.py" in files
     assert os.listdir(tmp_path / "work") == []  # the layers' files moved into the checkpoint
-    configs = [json.load(open(tmp_path / name / "config.json")) for name in ("in-memory", "streamed")]
-    assert configs[0] == configs[1] and configs[0]["stat_heads"] == in_memory.attn_units
+    for file in ("config.json", "generation_config.json"):
+        configs = [json.load(open(tmp_path / name / file)) for name in ("in-memory", "streamed")]
+        assert configs[0] == configs[1]
+    assert json.load(open(tmp_path / "streamed" / "config.json"))["stat_heads"] == in_memory.attn_units
     expected = logits(load_model(str(tmp_path / "in-memory")), batches)
     assert torch.equal(logits(load_model(str(tmp_path / "streamed")), batches), expected)
     remote = AutoModelForCausalLM.from_pretrained(str(tmp_path / "streamed"), trust_remote_code=True)

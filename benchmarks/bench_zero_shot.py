@@ -1,6 +1,6 @@
 """Zero-shot accuracy of a pruned real model with lm-evaluation-harness, offline.
 
-    python benchmarks/bench_zero_shot.py [--mu 0.8] [--questions 300]
+    python benchmarks/bench_zero_shot.py [--mu 0.8] [--questions 100]
 
 No lm-eval task data installs offline, so this builds a multiple-choice task from the shipped
 Austen text and defines it in a local YAML file (the way any own task is added with
@@ -64,7 +64,7 @@ def questions(text, count, seed=0):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mu", default="0.8")
-    p.add_argument("--questions", type=int, default=300)
+    p.add_argument("--questions", type=int, default=100)
     args = p.parse_args()
     model_dir = convert(DEFAULT_OUT)
     with open(os.path.join(AUSTEN_DIR, f"{AUSTEN_EVAL}.txt"), encoding="utf-8") as f:

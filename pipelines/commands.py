@@ -10,8 +10,8 @@ from typing import Callable, NamedTuple, Optional
 
 from evaluate.tasks import task_names
 from pipelines.flags import (add_kwon_arguments, add_mu_argument, add_protocol_argument, add_quantize_arguments,
-                             add_sampler_argument, add_stat_arguments, check_method_arguments,
-                             check_quantize_arguments, decoder_parser, parser)
+                             add_sampler_argument, add_stat_arguments, check_lm_eval_arguments,
+                             check_method_arguments, check_quantize_arguments, decoder_parser, parser)
 from utils.cli import output_dir, parse_command, positive_int, seed_value
 
 
@@ -69,11 +69,18 @@ def decoder_result_stem(args):
 
 def check_prune_opt(p, args):
     check_method_arguments(p, args, encoder=False)
+    check_lm_eval_arguments(p, args)
 
 
 def check_quantize_opt(p, args):
     check_quantize_arguments(p, args, wbits_required=True)
     check_method_arguments(p, args, encoder=False)
+    check_lm_eval_arguments(p, args)
+
+
+def check_opt_eval(p, args):
+    check_quantize_arguments(p, args)
+    check_lm_eval_arguments(p, args)
 
 
 class Command(NamedTuple):
@@ -86,7 +93,7 @@ COMMANDS = {
     "prune_bert.py": Command(prune_bert_parser, check_method_arguments, encoder_result_stem),
     "prune_opt.py": Command(prune_opt_parser, check_prune_opt, decoder_result_stem),
     "quantize_opt.py": Command(quantize_opt_parser, check_quantize_opt, decoder_result_stem),
-    "opt_eval.py": Command(opt_eval_parser, check_quantize_arguments, decoder_result_stem),
+    "opt_eval.py": Command(opt_eval_parser, check_opt_eval, decoder_result_stem),
 }
 
 

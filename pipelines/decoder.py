@@ -3,8 +3,10 @@ quantize, score perplexity on the evaluation sets, and write output/opt/<model_n
 
 Each entry script parses its flags and calls one of `prune`, `quantize` or `evaluate` here.
 """
+import contextlib
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -12,15 +14,17 @@ import torch
 from dataset import lm
 from efficiency.latency import peak_memory_mb
 from efficiency.macs import AUTHORS_NEURON_SHARE, count_parameters, mac_ratios, unit_prices
+from evaluate import zero_shot
 from evaluate.perplexity import perplexity
 from pipelines import protocol
 from pipelines.commands import decoder_result_stem
 from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import checkpoint_identity, load_config, load_model, load_tokenizer, save_pruned
 from prerequisites.hub import resolve_checkpoint
+from prerequisites.streaming import load_streamed
 from prune.stat import stat_prune
 from quantize.sequential import quantize_model
-from quantize.storage import QUANTIZED, save_quantized, weights_size_mb
+from quantize.storage import QUANTIZED, is_quantized, save_quantized, weights_size_mb
 from utils.cache import DenseCache, fingerprint
 from utils.cli import resolve_device, set_seed
 from utils.errors import UserError
@@ -95,11 +99,12 @@ def tell(notes):
         print(note, file=sys.stderr)
 
 
-def load(args, calibrate=True):
+def load(args, stack, calibrate=True):
     """(device, model on the CPU, its adapter, tokenizer, eval windows per set, calibration
-    batches (None unless calibrate), seqlen). Needs resolve_corpora first.
+    batches (None unless calibrate), seqlen, LayerStore or None). Needs resolve_corpora first.
 
-    The model stays on the CPU: layers move to the device one at a time.
+    The model stays on the CPU: layers move to the device one at a time. With --low_memory its
+    layers stay on disk between their turns (the store's folder is removed when `stack` closes).
     """
     device = resolve_device(args.device)
     source = model_source(args)
@@ -114,11 +119,29 @@ def load(args, calibrate=True):
             cap = min(cap or args.eval_samples, args.eval_samples)
         windows[name] = lm.eval_windows(tokens, seqlen, cap)
     calib_batches = calibration_batches(args, tokenizer, seqlen) if calibrate else None
-    model = load_model(source, dtype=resolve_dtype(args.dtype, device), formats=[QUANTIZED])
+    if args.lm_eval_tasks:
+        zero_shot.check_tasks(args.lm_eval_tasks, args.lm_eval_include_path)
+    model, store = load_weights(args, source, config, device, stack)
     adapter = adapter_for(model)
     if not adapter.is_decoder:
         raise UserError(f"{args.model_name} is not a decoder language model ({type(model).__name__})")
-    return device, model, adapter, tokenizer, windows, calib_batches, seqlen
+    return device, model, adapter, tokenizer, windows, calib_batches, seqlen, store
+
+
+def load_weights(args, source, config, device, stack):
+    """(model, None), or with --low_memory (model with empty layers, the LayerStore that fills
+    them): prerequisites/streaming.py."""
+    dtype = resolve_dtype(args.dtype, device)
+    if not args.low_memory:
+        return load_model(source, dtype=dtype, formats=[QUANTIZED]), None
+    if is_quantized(config):
+        raise UserError("--low_memory reads ordinary (dense or pruned) checkpoints, not packed quantized ones")
+    # the layers that change are written beside --save_model when its folder exists (moving them
+    # there at the end is then a rename), else in the system's temporary folder
+    parent = os.path.dirname(os.path.abspath(args.save_model)) if getattr(args, "save_model", None) else None
+    folder = stack.enter_context(tempfile.TemporaryDirectory(
+        prefix=".stat-layers-", dir=parent if parent and os.path.isdir(parent) else None))
+    return load_streamed(source, folder, dtype)
 
 
 def calibration_batches(args, tokenizer, seqlen):
@@ -126,12 +149,12 @@ def calibration_batches(args, tokenizer, seqlen):
     return lm.window_batches(windows, args.batch_size)
 
 
-def perplexities(model, adapter, windows, device, batch_size, label):
-    return {name: perplexity(model, adapter, w, device, batch_size, desc=f"{label} {name}")
+def perplexities(model, adapter, windows, device, batch_size, label, store=None):
+    return {name: perplexity(model, adapter, w, device, batch_size, desc=f"{label} {name}", store=store)
             for name, w in windows.items()}
 
 
-def dense_perplexities(args, model, adapter, windows, device):
+def dense_perplexities(args, model, adapter, windows, device, store=None):
     """The dense model's perplexity on each set, from the cache when it has it; and whether all
     of them came from it."""
     cache = DenseCache(args.output_dir, enabled=not args.no_cache)
@@ -142,7 +165,7 @@ def dense_perplexities(args, model, adapter, windows, device):
         key = {"kind": "decoder", "checkpoint": identity, "set": name, "windows": fingerprint(w.numpy().tobytes()),
                "shape": list(w.shape), "batch_size": args.batch_size, "device": device.type, "dtype": dtype}
         ppl[name], hit = cache.get_or_compute(
-            key, lambda: perplexity(model, adapter, w, device, args.batch_size, desc=f"dense {name}"))
+            key, lambda: perplexity(model, adapter, w, device, args.batch_size, desc=f"dense {name}", store=store))
         hits.append(hit)
     if any(hits):
         print(f"dense perplexity from the cache ({cache.folder}; --no_cache to score again): "
@@ -161,11 +184,11 @@ def run_settings(args, device):
 # Pruning and quantizing, each adding to the run's record
 
 
-def prune_and_report(args, knobs, device, model, adapter, windows, calib_batches, seqlen):
+def prune_and_report(args, knobs, device, model, adapter, windows, calib_batches, seqlen, store=None):
     """Dense and pruned perplexities, and the record so far (μ = 1: no pruning)."""
     set_seed(args.seed)
     params_dense = count_parameters(model)
-    ppl_dense, dense_cached = dense_perplexities(args, model, adapter, windows, device)
+    ppl_dense, dense_cached = dense_perplexities(args, model, adapter, windows, device, store)
     dense_shape = adapter.shape(model)
     prices = unit_prices(adapter, dense_shape, seqlen, "decoder")
     allocation = None
@@ -175,9 +198,10 @@ def prune_and_report(args, knobs, device, model, adapter, windows, calib_batches
                                 method=args.method, allocation=args.allocation, calibration=args.calibration,
                                 sketch_rows=args.sketch, sketch_seed=args.seed, score_fraction=args.score_fraction,
                                 neuron_share=AUTHORS_NEURON_SHARE["decoder"] if args.mac_split == "authors" else None,
-                                ).allocation
+                                store=store).allocation
     prune_seconds = time.perf_counter() - start
-    ppl_pruned = perplexities(model, adapter, windows, device, args.batch_size, "pruned") if args.mu < 1 else ppl_dense
+    ppl_pruned = (perplexities(model, adapter, windows, device, args.batch_size, "pruned", store) if args.mu < 1
+                  else ppl_dense)
     attn_units, neurons = adapter.shape(model)
     mac_ratio, mac_ratio_authors = mac_ratios(prices, dense_shape, (attn_units, neurons))
     return {
@@ -188,6 +212,7 @@ def prune_and_report(args, knobs, device, model, adapter, windows, calib_batches
         "ppl_dense": ppl_dense, "ppl_pruned": ppl_pruned, "dense_cached": dense_cached,
         "heads_per_layer": attn_units, "neurons_per_layer": neurons,
         "params_dense": params_dense, "params_pruned": count_parameters(model), "prune_seconds": prune_seconds,
+        "low_memory": args.low_memory,
     }
 
 
@@ -208,22 +233,72 @@ def describe_quantizer(args):
     return f"{'RTN' if args.nearest else 'GPTQ'} {args.wbits}-bit ({', '.join(details)})"
 
 
-def quantize_and_report(args, device, model, adapter, tokenizer, windows, calib_batches, record):
+def quantize_and_report(args, device, model, adapter, tokenizer, windows, calib_batches, record, store=None):
     """Quantize, evaluate, save; adds to `record` and returns the lines of the result block."""
     start = time.perf_counter()
     quantized = quantize_model(model, adapter, calib_batches, device, args.wbits, args.groupsize, args.sym,
                                args.act_order, args.percdamp, args.nearest, reference=args.gptq_reference,
-                               true_sequential=args.true_sequential)
+                               true_sequential=args.true_sequential, store=store)
     record.update(quantize_settings(args), quantize_seconds=time.perf_counter() - start)
-    record["ppl_quantized"] = perplexities(model, adapter, windows, device, args.batch_size, "quantized")
+    record["ppl_quantized"] = perplexities(model, adapter, windows, device, args.batch_size, "quantized", store)
     lines = [f"quantize time: {record['quantize_seconds']:.1f} s ({len(quantized)} linear layers)"]
     if args.save_model:
-        save_quantized(model, quantized, args.save_model, tokenizer, quantize_settings(args))
+        save_quantized(model, quantized, args.save_model, tokenizer, quantize_settings(args), store)
         dense_mb, quantized_mb = weights_size_mb(model_source(args)), weights_size_mb(args.save_model)
         record.update(size_on_disk_mb={"dense": dense_mb, "quantized": quantized_mb}, saved_to=args.save_model)
         lines.append(f"size on disk: dense {dense_mb:.2f} MB, quantized {quantized_mb:.2f} MB "
                      f"({quantized_mb / dense_mb:.3f} of dense), saved to {args.save_model}")
     return lines
+
+
+def save_model(model, path, tokenizer, store=None):
+    """Write a pruned (or dense) model as a pruned checkpoint: in one go, or with a LayerStore
+    layer by layer (the same checkpoint, sharded)."""
+    if store is None:
+        save_pruned(model, path, tokenizer)
+    else:
+        store.save(path, tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero-shot scores (lm-evaluation-harness, in a process of its own: evaluate/zero_shot.py)
+
+
+def temporary_checkpoint(model, tokenizer, stack, store=None):
+    """The model saved as an ordinary (pruned) checkpoint in a folder deleted when `stack` closes.
+    (A quantized model is saved with its dequantized weights: lm-eval loads it with transformers.)"""
+    path = stack.enter_context(tempfile.TemporaryDirectory(prefix="stat-lm-eval-"))
+    save_model(model, path, tokenizer, store)
+    return path
+
+
+def lm_eval_dense_dir(args, model, tokenizer, stack):
+    """The dense model's folder for lm-eval: its checkpoint, or (a packed quantized checkpoint,
+    which transformers cannot read) the model as loaded, saved to a temporary folder. Called
+    before the model is compressed (--low_memory never loads a packed checkpoint)."""
+    if not args.lm_eval_tasks:
+        return None
+    path = model_source(args)
+    return temporary_checkpoint(model, tokenizer, stack) if is_quantized(load_config(path)) else path
+
+
+def zero_shot_scores(args, device, checkpoints):
+    """The record entries of lm-eval's scores of each (label, checkpoint folder)."""
+    dtype = str(resolve_dtype(args.dtype, device)).removeprefix("torch.")
+    scores, version = zero_shot.score(checkpoints, args.lm_eval_tasks, args.lm_eval_include_path, args.lm_eval_limit,
+                                      args.lm_eval_batch_size, device, dtype)
+    settings = {"tasks": args.lm_eval_tasks, "num_fewshot": zero_shot.NUM_FEWSHOT, "limit": args.lm_eval_limit,
+                "batch_size": args.lm_eval_batch_size, "include_path": args.lm_eval_include_path, "version": version}
+    return {"lm_eval": scores, "lm_eval_settings": settings}
+
+
+def zero_shot_lines(record):
+    if "lm_eval" not in record:
+        return []
+    settings = record["lm_eval_settings"]
+    limit = f", first {settings['limit']} examples of each task" if settings["limit"] else ""
+    return [f"zero-shot (lm-eval {settings['version']}, {settings['num_fewshot']}-shot{limit}):",
+            *zero_shot.lines(record["lm_eval"])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,21 +349,31 @@ def calibration_note(args, seqlen):
 
 
 def prune(args):
-    """prune_opt.py: prune with STAT, report dense and pruned perplexity."""
+    """prune_opt.py: prune with STAT, report dense and pruned perplexity (and zero-shot scores)."""
     corpora, notes = resolve_corpora(args, calibrates=True)
     knobs = {**corpora, **protocol.resolve(args, protocol.DECODER)}
-    device, model, adapter, tokenizer, windows, calib_batches, seqlen = load(args)
-    tell(notes)
-    record = prune_and_report(args, knobs, device, model, adapter, windows, calib_batches, seqlen)
-    if args.save_model:
-        save_pruned(model, args.save_model, tokenizer)
-        record["saved_to"] = args.save_model
+    with contextlib.ExitStack() as stack:
+        device, model, adapter, tokenizer, windows, calib_batches, seqlen, store = load(args, stack)
+        tell(notes)
+        dense_dir = lm_eval_dense_dir(args, model, tokenizer, stack)
+        record = prune_and_report(args, knobs, device, model, adapter, windows, calib_batches, seqlen, store)
+        if args.save_model:
+            save_model(model, args.save_model, tokenizer, store)
+            record["saved_to"] = args.save_model
+        if args.lm_eval_tasks:
+            checkpoints = [("dense", dense_dir)]
+            if args.mu < 1:
+                checkpoints.append(("pruned", args.save_model or temporary_checkpoint(model, tokenizer, stack, store)))
+            del model, store  # lm-eval loads its own copy, in another process
+            record.update(zero_shot_scores(args, device, checkpoints))
+            record["lm_eval"].setdefault("pruned", record["lm_eval"]["dense"])  # mu 1: nothing was pruned
     finish(args, record, device)
     write(args, record, [
         f"prune_opt: protocol {args.protocol}, method {args.method} (allocation {record['allocation']}, "
         f"calibration {args.calibration}, MAC split {args.mac_split}), mu {args.mu}, "
-        f"{calibration_note(args, seqlen)}, device {device}",
+        f"{calibration_note(args, seqlen)}, device {device}{', low memory' if args.low_memory else ''}",
         *pruning_lines(record),
+        *zero_shot_lines(record),
     ])
     return record
 
@@ -297,18 +382,26 @@ def quantize(args):
     """quantize_opt.py: prune with STAT (unless μ = 1), then quantize; report all three."""
     corpora, notes = resolve_corpora(args, calibrates=True)
     knobs = {**corpora, **protocol.resolve(args, protocol.DECODER, protocol.QUANTIZE)}
-    device, model, adapter, tokenizer, windows, calib_batches, seqlen = load(args)
-    tell(notes)
-    record = prune_and_report(args, knobs, device, model, adapter, windows, calib_batches, seqlen)
-    quantize_lines = quantize_and_report(args, device, model, adapter, tokenizer, windows, calib_batches, record)
+    with contextlib.ExitStack() as stack:
+        device, model, adapter, tokenizer, windows, calib_batches, seqlen, store = load(args, stack)
+        tell(notes)
+        dense_dir = lm_eval_dense_dir(args, model, tokenizer, stack)
+        record = prune_and_report(args, knobs, device, model, adapter, windows, calib_batches, seqlen, store)
+        quantize_lines = quantize_and_report(args, device, model, adapter, tokenizer, windows, calib_batches, record,
+                                             store)
+        if args.lm_eval_tasks:
+            checkpoints = [("dense", dense_dir), ("quantized", temporary_checkpoint(model, tokenizer, stack, store))]
+            del model, store  # lm-eval loads its own copies, in another process
+            record.update(zero_shot_scores(args, device, checkpoints))
     pruning = (f"STAT mu {args.mu} (method {args.method}, allocation {record['allocation']}, "
                f"calibration {args.calibration}, MAC split {args.mac_split})" if args.mu < 1 else "no pruning (mu 1)")
     finish(args, record, device)
     write(args, record, [
         f"quantize_opt: protocol {args.protocol}, {pruning}, then {describe_quantizer(args)}; "
-        f"{calibration_note(args, seqlen)}, device {device}",
+        f"{calibration_note(args, seqlen)}, device {device}{', low memory' if args.low_memory else ''}",
         *pruning_lines(record),
         *quantize_lines,
+        *zero_shot_lines(record),
     ])
     return record
 
@@ -322,23 +415,34 @@ def evaluate(args):
     # RTN needs no calibration data.
     calibrates = quantizes and not args.nearest
     knobs, notes = resolve_corpora(args, calibrates)
-    device, model, adapter, tokenizer, windows, calib_batches, seqlen = load(args, calibrate=calibrates)
-    tell(notes)
-    ppl_dense, dense_cached = dense_perplexities(args, model, adapter, windows, device)
-    record = {
-        "model_name": args.model_name, "task": args.task, "method": "dense", "protocol": args.protocol, **knobs,
-        **(quantize_knobs if quantizes else {}), **run_settings(args, device), "mu": 1.0, "seed": args.seed,
-        "seqlen": seqlen, "eval_samples": args.eval_samples, "ppl_dense": ppl_dense, "dense_cached": dense_cached,
-        "params_dense": count_parameters(model),
-    }
-    lines = [f"opt_eval: dense, windows of {seqlen} tokens, device {device}"]
-    quantize_lines = []
-    if quantizes:
-        record["nsamples"] = args.nsamples if calibrates else 0
-        quantize_lines = quantize_and_report(args, device, model, adapter, tokenizer, windows, calib_batches or [],
-                                             record)
-        data = calibration_note(args, seqlen) if calibrates else "no calibration data"
-        lines = [f"opt_eval: protocol {args.protocol}, dense, then {describe_quantizer(args)}; {data}, device {device}"]
+    memory = ", low memory" if args.low_memory else ""
+    with contextlib.ExitStack() as stack:
+        device, model, adapter, tokenizer, windows, calib_batches, seqlen, store = load(args, stack,
+                                                                                        calibrate=calibrates)
+        tell(notes)
+        dense_dir = lm_eval_dense_dir(args, model, tokenizer, stack)
+        ppl_dense, dense_cached = dense_perplexities(args, model, adapter, windows, device, store)
+        record = {
+            "model_name": args.model_name, "task": args.task, "method": "dense", "protocol": args.protocol, **knobs,
+            **(quantize_knobs if quantizes else {}), **run_settings(args, device), "mu": 1.0, "seed": args.seed,
+            "seqlen": seqlen, "eval_samples": args.eval_samples, "ppl_dense": ppl_dense, "dense_cached": dense_cached,
+            "params_dense": count_parameters(model), "low_memory": args.low_memory,
+        }
+        lines = [f"opt_eval: dense, windows of {seqlen} tokens, device {device}{memory}"]
+        quantize_lines = []
+        checkpoints = [("dense", dense_dir)]
+        if quantizes:
+            record["nsamples"] = args.nsamples if calibrates else 0
+            quantize_lines = quantize_and_report(args, device, model, adapter, tokenizer, windows,
+                                                 calib_batches or [], record, store)
+            data = calibration_note(args, seqlen) if calibrates else "no calibration data"
+            lines = [f"opt_eval: protocol {args.protocol}, dense, then {describe_quantizer(args)}; {data}, "
+                     f"device {device}{memory}"]
+            if args.lm_eval_tasks:
+                checkpoints.append(("quantized", temporary_checkpoint(model, tokenizer, stack, store)))
+        if args.lm_eval_tasks:
+            del model, store  # lm-eval loads its own copies, in another process
+            record.update(zero_shot_scores(args, device, checkpoints))
     finish(args, record, device)
-    write(args, record, [*lines, *ppl_lines(record), *quantize_lines])
+    write(args, record, [*lines, *ppl_lines(record), *quantize_lines, *zero_shot_lines(record)])
     return record

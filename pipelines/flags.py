@@ -9,7 +9,7 @@ from pipelines import protocol
 from prune.allocation import ALLOCATORS
 from prune.stat import CALIBRATIONS, METHODS
 from quantize.gptq import check_groupsize
-from utils.cli import ArgumentParser, fraction_value, mu_value, output_dir, positive_int, seed_value
+from utils.cli import ArgumentParser, existing_dir, fraction_value, mu_value, output_dir, positive_int, seed_value
 
 WBITS = (2, 3, 4, 8)
 QUANTIZE_FLAGS = ("groupsize", "sym", "act_order", "nearest", "percdamp", "save_model", "gptq_reference",
@@ -147,9 +147,37 @@ def decoder_parser(description):
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="weights' dtype (auto: float16 on CUDA, float32 on the CPU)")
     p.add_argument("--batch_size", type=positive_int, default=4, help="windows per forward pass")
+    p.add_argument("--low_memory", action="store_true",
+                   help="keep each layer's weights in the checkpoint's safetensors files until its turn, and write "
+                        "changed layers to disk as they are done: host memory holds about one layer, the "
+                        "calibration activations and the embeddings, not the model (for models larger than memory)")
     p.add_argument("--output_dir", type=output_dir, default="output",
                    help="results go to <output_dir>/opt/<model_name>.txt|.jsonl")
+    add_lm_eval_arguments(p)
     return p
+
+
+def add_lm_eval_arguments(p):
+    """Zero-shot scores from lm-evaluation-harness (every decoder script)."""
+    p.add_argument("--lm_eval_tasks", nargs="+", metavar="TASK",
+                   help="lm-eval tasks to score the dense and the compressed model on, zero-shot "
+                        "(e.g. piqa arc_easy arc_challenge hellaswag winogrande)")
+    p.add_argument("--lm_eval_limit", type=positive_int, metavar="N",
+                   help="score the first N examples of each task only (default all)")
+    p.add_argument("--lm_eval_batch_size", type=positive_int, default=8, help="lm-eval's batch size")
+    p.add_argument("--lm_eval_include_path", type=existing_dir, metavar="DIR",
+                   help="a folder of your own lm-eval task YAML files, besides lm-eval's own")
+
+
+LM_EVAL_FLAGS = ("lm_eval_limit", "lm_eval_batch_size", "lm_eval_include_path")
+
+
+def check_lm_eval_arguments(p, args):
+    """A one-line error (exit 2) for lm-eval flags given without --lm_eval_tasks."""
+    if not args.lm_eval_tasks:
+        given = [f"--{flag}" for flag in LM_EVAL_FLAGS if getattr(args, flag) != p.get_default(flag)]
+        if given:
+            p.error(f"{', '.join(given)} need --lm_eval_tasks")
 
 
 def groupsize_value(text):

@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from prerequisites.layerwise import capture_inputs, move_to, restore
+from prerequisites.layerwise import capture_inputs, each_layer
 from prune.allocation import ALLOCATORS, LayerScores
 from prune.interpolative import expand_groups
 from prune.units import MagnitudePruner, UnitPruner
@@ -74,13 +73,12 @@ def layer_scores(attn, neurons):
 
 @torch.no_grad()
 def measure_dense(model, adapter, inputs, device, keep=(), sketch_rows=None, sketch_seed=0, ffn=True,
-                  progress=True, desc="pass 1: dense Grams"):
+                  progress=True, desc="pass 1: dense Grams", store=None):
     """Pass 1: every layer's pruners fed on the model as it is (dense, but for ffn_then_attn),
     and the scores they give; and the solved pruners of the blocks named in `keep` ("attn",
     "ffn"; the others None), to prune from these IDs. ffn=False: the attention's only."""
     scores, pruners = [], []
-    for layer in tqdm(adapter.layers(model), desc=desc, disable=not progress):
-        moved = move_to([layer], device)
+    for _, layer in each_layer(model, adapter, device, store, desc=desc, progress=progress):
         attn, neurons = layer_pruners(adapter, layer, sketch_rows, sketch_seed, ffn)
         for b, (x, extras, mask) in enumerate(zip(inputs.hidden, inputs.extras, inputs.masks)):
             context = adapter.attention_context(layer, x, extras)
@@ -98,7 +96,6 @@ def measure_dense(model, adapter, inputs, device, keep=(), sketch_rows=None, ske
         if keep:  # off the device: only the layer being worked on may be there
             pruners.append(tuple(p.to("cpu") if p and kind in keep else None
                                  for kind, p in (("attn", attn), ("ffn", neurons))))
-        restore(moved)
     return scores, pruners
 
 
@@ -134,7 +131,7 @@ def neuron_weight_norms(adapter, layer):
 
 @torch.no_grad()
 def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_ffn_pruners=None, sketch_rows=None,
-                     sketch_seed=0, progress=True):
+                     sketch_seed=0, progress=True, store=None):
     """Pass 2: prune from the bottom, each layer's IDs measured on the pruned layers below.
 
     With `dense_ffn_pruners` (per layer, the solved FFN pruner of pass 1), the FFN IDs come
@@ -144,8 +141,7 @@ def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_
     Memory: two activation-sized sets of tensors at most, the layer's inputs and its
     attention outputs, each batch's dropped as soon as it has been used for the last time.
     """
-    for l, layer in enumerate(tqdm(adapter.layers(model), desc="pass 2: prune", disable=not progress)):
-        moved = move_to([layer], device)
+    for l, layer in each_layer(model, adapter, device, store, changes=True, desc="pass 2: prune", progress=progress):
         contexts = [adapter.attention_context(layer, x, extras) for x, extras in zip(inputs.hidden, inputs.extras)]
         kept_dims = torch.zeros(0, dtype=torch.long, device=device)
         if adapter.n_attn_units(layer):
@@ -180,15 +176,15 @@ def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_
             inputs.hidden[b] = adapter.after_ffn(layer, adapter.ffn_hidden(layer, h), h)
             hs[b] = None
         del contexts, hs  # one list under two names
-        restore(moved)
 
 
 @torch.no_grad()
-def prune_from_pruners(model, adapter, attn_units, neurons, pruners):
-    """Prune every layer at once from decisions taken beforehand (dense IDs, or weight norms);
-    a block whose pruner is None is left as it is."""
-    for l, layer in enumerate(adapter.layers(model)):
-        attn, ffn = pruners[l]
+def prune_from_pruners(model, adapter, attn_units, neurons, pruners_of, store=None):
+    """Prune every layer from decisions taken beforehand (dense IDs, or weight norms):
+    `pruners_of(index, layer)` gives a layer's (attention, FFN) pruners; a block whose pruner
+    is None is left as it is."""
+    for l, layer in each_layer(model, adapter, "cpu", store, changes=True, progress=False):
+        attn, ffn = pruners_of(l, layer)
         if attn is not None:
             adapter.prune_attn_units(layer, *attn.prune(attn_units[l]))
         if ffn is not None:
@@ -205,7 +201,7 @@ def spread_subset(items, fraction):
 
 def stat_prune(model, adapter, batches, costs, mu, device, method="stat", allocation=None,
                calibration="sequential", weighting=None, sketch_rows=None, sketch_seed=0, score_fraction=0.25,
-               neuron_share=None, progress=True):
+               neuron_share=None, progress=True, store=None):
     """Prune `model` in place to at most μ of its attention and FFN MACs. Returns a PruneResult.
 
     costs: (MACs of one attention unit, MACs of one neuron), numbers (efficiency/macs.py).
@@ -221,6 +217,7 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     pass 1 uses every batch.)
     sketch_rows, sketch_seed: CountSketch every batch to this many rows (None: exact Grams),
     with random buckets and signs drawn from this seed.
+    store: a LayerStore when the layers live on disk between their turns (--low_memory).
     """
     if method not in METHODS or method == "kwon":
         raise ValueError(f"stat_prune runs stat or magnitude, not {method!r} (kwon: prune.kwon.kwon_prune)")
@@ -236,7 +233,8 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     keep = {"sequential": (), "dense_ffn": ("ffn",), "one_shot": ("attn", "ffn"),
             "ffn_then_attn": ("ffn",)}[calibration] if method == "stat" else ()
     inputs = capture_inputs(model, adapter, batches if keep else spread_subset(batches, score_fraction), device)
-    scores, pruners = measure_dense(model, adapter, inputs, device, keep=keep, progress=progress, **sketch)
+    scores, pruners = measure_dense(model, adapter, inputs, device, keep=keep, progress=progress, store=store,
+                                    **sketch)
     del inputs
     attn_cost, neuron_cost = costs
     options = {}
@@ -245,22 +243,22 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     attn_units, neurons = ALLOCATORS[allocation](scores, attn_cost, neuron_cost, mu,
                                                  weighting or adapter.depth_weighting, **options)
     if method == "magnitude":
-        prune_from_pruners(model, adapter, attn_units, neurons,
-                           [magnitude_pruners(adapter, layer) for layer in adapter.layers(model)])
+        prune_from_pruners(model, adapter, attn_units, neurons, lambda l, layer: magnitude_pruners(adapter, layer),
+                           store)
     elif calibration == "one_shot":
-        prune_from_pruners(model, adapter, attn_units, neurons, pruners)
+        prune_from_pruners(model, adapter, attn_units, neurons, lambda l, layer: pruners[l], store)
     elif calibration == "ffn_then_attn":
-        prune_from_pruners(model, adapter, attn_units, neurons, pruners)  # the FFNs only
+        prune_from_pruners(model, adapter, attn_units, neurons, lambda l, layer: pruners[l], store)  # the FFNs only
         del pruners
         inputs = capture_inputs(model, adapter, batches, device)
         _, pruners = measure_dense(model, adapter, inputs, device, keep=("attn",), ffn=False, progress=progress,
-                                   desc="attention Grams on the FFN-pruned model", **sketch)
+                                   desc="attention Grams on the FFN-pruned model", store=store, **sketch)
         del inputs
-        prune_from_pruners(model, adapter, attn_units, neurons, pruners)  # the attention only
+        prune_from_pruners(model, adapter, attn_units, neurons, lambda l, layer: pruners[l], store)  # the attention
     else:
         inputs = capture_inputs(model, adapter, batches, device)
         dense_ffn_pruners = [ffn for _, ffn in pruners] if calibration == "dense_ffn" else None
         prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_ffn_pruners, progress=progress,
-                         **sketch)
+                         store=store, **sketch)
     return PruneResult(attn_units=list(attn_units), neurons=list(neurons), scores=scores, allocation=allocation,
                        seconds=time.perf_counter() - start)

@@ -18,9 +18,7 @@ Round-to-nearest (`nearest=True`) needs no data and skips the calibration passes
 import dataclasses
 
 import torch
-from tqdm.auto import tqdm
-
-from prerequisites.layerwise import capture_inputs, move_to, restore, run_layer
+from prerequisites.layerwise import capture_inputs, each_layer, run_layer
 from quantize.gptq import GPTQ, rtn_quantize
 from quantize.pack import QuantizedWeight
 
@@ -36,22 +34,22 @@ def quantized_linears(model, adapter):
 
 @torch.no_grad()
 def quantize_model(model, adapter, batches, device, wbits, groupsize=-1, sym=False, act_order=False,
-                   percdamp=0.01, nearest=False, reference=False, true_sequential=False, progress=True):
+                   percdamp=0.01, nearest=False, reference=False, true_sequential=False, progress=True, store=None):
     """Quantize the linears of every layer in place (GPTQ, or RTN when `nearest`).
 
     reference: GPTQ (and RTN's grid) as the reference implementation does it (quantize/gptq.py).
 
     `batches` yields dicts of model inputs (input_ids, attention_mask...); unused when `nearest`.
     Returns {full module name ('model.layers.3.self_attn.q_proj'): QuantizedWeight}; a module's
-    state_dict prefix is its name plus '.'. The model's weights become the dequantized ones.
+    state_dict prefix is its name plus '.'. The model's weights become the dequantized ones
+    (with `store`, a LayerStore: written back to disk layer by layer).
     """
     model.eval()
-    layers = adapter.layers(model)
     names = adapter.layer_names(model)
     inputs = None if nearest else capture_inputs(model, adapter, list(batches), device)
     quantized = {}
-    for layer_name, layer in zip(names, tqdm(layers, desc="quantize", disable=not progress)):
-        moved = move_to([layer], device)
+    for index, layer in each_layer(model, adapter, device, store, changes=True, desc="quantize", progress=progress):
+        layer_name = names[index]
         paths = [path for group in adapter.linear_groups(layer) for path in group]
         if nearest:
             results = {path: rtn_quantize(adapter.get(layer, path), wbits, groupsize, sym, reference)
@@ -66,7 +64,6 @@ def quantize_model(model, adapter, batches, device, wbits, groupsize=-1, sym=Fal
             run_layer(layer, inputs)
         for path, result in results.items():
             quantized[f"{layer_name}.{path}"] = _on_cpu(QuantizedWeight.from_result(result))
-        restore(moved)
     return quantized
 
 

@@ -139,6 +139,13 @@ def output_dir(text):
     return text
 
 
+def existing_dir(text):
+    """argparse type for a folder that must already be there."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"not a folder: {text}")
+    return text
+
+
 def resolve_device(name):
     """'auto' means CUDA when present, else CPU."""
     if name == "auto":

@@ -9,7 +9,7 @@ the .jsonl beside it.
 """
 from evaluate.tasks import task_names
 from pipelines import encoder
-from pipelines.flags import add_mu_argument, add_stat_arguments, parser
+from pipelines.flags import add_mu_argument, add_stat_arguments, check_stat_arguments, parser
 from utils.cli import output_dir, parse_command, positive_int, run_main, seed_value
 
 
@@ -27,7 +27,9 @@ def parse_args(argv=None):
     p.add_argument("--save_model", type=output_dir, metavar="DIR", help="write the pruned model here")
     p.add_argument("--batch_size", type=positive_int, default=64, help="batch size of calibration and evaluation")
     add_stat_arguments(p)
-    return parse_command(p, argv, "prune_bert.py")
+    args = parse_command(p, argv, "prune_bert.py")
+    check_stat_arguments(p, args)
+    return args
 
 
 def main(argv=None):

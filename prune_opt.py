@@ -9,7 +9,7 @@ layer, so only one layer is on the device at a time. Results: output/opt/<model_
 .jsonl.
 """
 from pipelines import decoder
-from pipelines.flags import add_mu_argument, add_stat_arguments, decoder_parser
+from pipelines.flags import add_mu_argument, add_stat_arguments, check_stat_arguments, decoder_parser
 from utils.cli import output_dir, parse_command, run_main
 
 
@@ -18,7 +18,9 @@ def parse_args(argv=None):
     add_mu_argument(p)
     add_stat_arguments(p)
     p.add_argument("--save_model", type=output_dir, metavar="DIR", help="write the pruned model here")
-    return parse_command(p, argv, "prune_opt.py")
+    args = parse_command(p, argv, "prune_opt.py")
+    check_stat_arguments(p, args)
+    return args
 
 
 def main(argv=None):

@@ -12,8 +12,8 @@ prerequisites.checkpoint.load_model(dir, formats=[quantize.storage.QUANTIZED])) 
 its size on disk against the dense checkpoint's. Results: output/opt/<model_name>.txt and .jsonl.
 """
 from pipelines import decoder
-from pipelines.flags import add_mu_argument, add_quantize_arguments, add_stat_arguments, check_quantize_arguments, \
-    decoder_parser
+from pipelines.flags import (add_mu_argument, add_quantize_arguments, add_stat_arguments, check_quantize_arguments,
+                             check_stat_arguments, decoder_parser)
 from utils.cli import parse_command, run_main
 
 
@@ -24,6 +24,7 @@ def parse_args(argv=None):
     add_quantize_arguments(p, wbits_required=True)
     args = parse_command(p, argv, "quantize_opt.py")
     check_quantize_arguments(p, args)
+    check_stat_arguments(p, args)
     return args
 
 

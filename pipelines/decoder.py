@@ -14,6 +14,7 @@ from efficiency.macs import adapter_costs, count_parameters, model_macs
 from evaluate.perplexity import perplexity
 from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import load_config, load_model, load_tokenizer, save_pruned
+from pipelines.flags import describe_correction, stat_options, stat_record
 from prune.stat import stat_prune
 from quantize.sequential import quantize_model
 from quantize.storage import QUANTIZED, save_quantized, weights_size_mb
@@ -111,15 +112,13 @@ def prune_and_report(args, device, model, adapter, windows, calib_batches, seqle
     allocation = None
     start = time.perf_counter()
     if args.mu < 1.0:
-        allocation = stat_prune(model, adapter, calib_batches, costs, args.mu, device,
-                                method=args.method, allocation=args.allocation, calibration=args.calibration,
-                                sketch_rows=args.sketch, score_fraction=args.score_fraction).allocation
+        allocation = stat_prune(model, adapter, calib_batches, costs, args.mu, device, **stat_options(args)).allocation
     prune_seconds = time.perf_counter() - start
     ppl_pruned = perplexities(model, adapter, windows, device, args.batch_size, "pruned") if args.mu < 1 else ppl_dense
     attn_units, neurons = adapter.shape(model)
     return {
         "model_name": args.model_name, "task": args.task, "method": args.method, "allocation": allocation,
-        "calibration": args.calibration, "score_fraction": args.score_fraction, "mu": args.mu,
+        **stat_record(args), "mu": args.mu,
         "mac_ratio": model_macs(attn_units, neurons, costs) / dense_macs,
         "seed": args.seed, "nsamples": args.nsamples, "seqlen": seqlen, "eval_samples": args.eval_samples,
         "ppl_dense": ppl_dense, "ppl_pruned": ppl_pruned, "heads_per_layer": attn_units, "neurons_per_layer": neurons,
@@ -219,7 +218,8 @@ def prune(args):
         record["saved_to"] = args.save_model
     finish(args, record, device)
     write(args, record, [
-        f"prune_opt: method {args.method} (allocation {record['allocation']}, calibration {args.calibration}), "
+        f"prune_opt: method {args.method} (allocation {record['allocation']}, calibration {args.calibration}, "
+        f"{describe_correction(args)}), "
         f"mu {args.mu}, calibrated on {args.task} ({args.nsamples} x {seqlen} tokens, seed {args.seed}), "
         f"device {device}",
         *pruning_lines(record),
@@ -233,7 +233,7 @@ def quantize(args):
     record = prune_and_report(args, device, model, adapter, windows, calib_batches, seqlen)
     quantize_lines = quantize_and_report(args, device, model, adapter, tokenizer, windows, calib_batches, record)
     pruning = (f"STAT mu {args.mu} (method {args.method}, allocation {record['allocation']}, "
-               f"calibration {args.calibration})" if args.mu < 1 else "no pruning (mu 1)")
+               f"calibration {args.calibration}, {describe_correction(args)})" if args.mu < 1 else "no pruning (mu 1)")
     finish(args, record, device)
     write(args, record, [
         f"quantize_opt: {pruning}, then {describe_quantizer(args)}; calibrated on {args.task} "

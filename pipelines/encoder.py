@@ -7,6 +7,7 @@ from efficiency.macs import adapter_costs, count_parameters, model_macs
 from evaluate.tasks import check_checkpoint, make_task, task_names
 from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import load_config, load_model, load_tokenizer, save_pruned
+from pipelines.flags import describe_correction, stat_options, stat_record
 from prune.stat import stat_prune
 from utils.cli import require_dir, resolve_device, set_seed
 from utils.errors import UserError
@@ -19,7 +20,8 @@ def format_block(r, metric_names):
 
     lines = [
         f"== {r['model_name']} / {r['task_name']}  {r['time']} ==",
-        f"method {r['method']} (allocation {r['allocation']}, calibration {r['calibration']}), mu {r['mu']}, "
+        f"method {r['method']} (allocation {r['allocation']}, calibration {r['calibration']}, "
+        f"{r['correction_summary']}), mu {r['mu']}, "
         f"seed {r['seed']}, {r['sample_batch_size']} calibration examples, device {r['device']}",
         f"MACs kept: {r['mac_ratio']:.4f} of dense (target {r['mu']})",
         *[pair(name) for name in metric_names],
@@ -60,16 +62,14 @@ def prune(args):
     dense_macs = model_macs(*adapter.shape(model), costs)
 
     calib_batches = task.batch_calibration(model, calibration_sample)
-    result = stat_prune(model, adapter, calib_batches, costs, args.mu, device,
-                        method=args.method, allocation=args.allocation, calibration=args.calibration,
-                        sketch_rows=args.sketch, score_fraction=args.score_fraction)
+    result = stat_prune(model, adapter, calib_batches, costs, args.mu, device, **stat_options(args))
 
     print("scoring the pruned model ...")
     pruned = task.evaluate(model, device)
     attn_units, neurons = adapter.shape(model)
     record = {
         "model_name": args.model_name, "task_name": args.task_name, "method": args.method,
-        "allocation": result.allocation, "calibration": args.calibration, "score_fraction": args.score_fraction,
+        "allocation": result.allocation, **stat_record(args), "correction_summary": describe_correction(args),
         "mu": args.mu, "mac_ratio": model_macs(attn_units, neurons, costs) / dense_macs,
         "seed": args.seed, "sample_batch_size": args.sample_batch_size,
         "metric_name": task.metric_name, "dense_metric": dense[task.metric_name],

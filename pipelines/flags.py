@@ -4,7 +4,8 @@ import argparse
 
 from dataset import lm
 from prune.allocation import ALLOCATORS
-from prune.stat import CALIBRATIONS, METHODS
+from prune.stat import CALIBRATIONS, METHODS, NEURON_ERRORS
+from prune.units import Correction
 from quantize.gptq import check_groupsize
 from utils.cli import ArgumentParser, fraction_value, mu_value, output_dir, positive_int, seed_value
 
@@ -34,6 +35,73 @@ def add_stat_arguments(p):
     p.add_argument("--sketch", type=positive_int, metavar="ROWS",
                    help="CountSketch each batch's activations to this many rows before its Gram product "
                         "(approximate; for very long calibration sets)")
+    p.add_argument("--correction", choices=CORRECTIONS, default="self",
+                   help="what each pruned layer's correction reproduces: self (its own output on the inputs "
+                        "the pruned model gives it) or dense (the dense model's output: the dense inputs are "
+                        "carried alongside, a second forward pass)")
+    p.add_argument("--residual_correction", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --correction dense: each corrected projection also absorbs the gap of the residual "
+                        "stream it writes into (x_dense - x_pruned)")
+    p.add_argument("--bias_compensation", choices=BIAS_COMPENSATIONS, default="off",
+                   help="keep a constant column in every ID and fold the dropped units' mean into the consumer's "
+                        "bias: existing (consumers that have a bias), add (also give the others one), off")
+    p.add_argument("--correction_ridge", type=ridge_value, default="id",
+                   help="ridge of the corrections, relative to the mean diagonal of the kept activations' Gram, "
+                        "shrinking them towards plain selection: id (the ID's own, 1e-8), a number, or heldout "
+                        "(chosen per block on every 4th calibration batch)")
+    p.add_argument("--neuron_errors", choices=NEURON_ERRORS, default="id",
+                   help="how greedy/ffn_greedy price neurons: id (the scaled ID's error) or output (the error in "
+                        "the FFN's output, as heads are priced)")
+
+
+CORRECTIONS = ("self", "dense")
+BIAS_COMPENSATIONS = ("off", "existing", "add")
+
+
+def ridge_value(text):
+    if text in ("id", "heldout"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"correction ridge must be id, heldout or a positive number, got {text!r}")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"correction ridge must be positive, got {value}")
+    return value
+
+
+def check_stat_arguments(p, args):
+    """One-line errors (exit 2) for STAT flag combinations that cannot work."""
+    if args.residual_correction and args.correction != "dense":
+        p.error("--residual_correction needs --correction dense")
+
+
+def correction_of(args):
+    """The prune.units.Correction that the flags ask for."""
+    return Correction(target=args.correction, residual=args.residual_correction,
+                      bias=args.bias_compensation != "off", add_bias=args.bias_compensation == "add",
+                      ridge=None if args.correction_ridge == "id" else args.correction_ridge)
+
+
+def stat_options(args):
+    """stat_prune's keyword arguments from the STAT flags."""
+    return {"method": args.method, "allocation": args.allocation, "calibration": args.calibration,
+            "sketch_rows": args.sketch, "score_fraction": args.score_fraction, "correction": correction_of(args),
+            "neuron_errors": args.neuron_errors}
+
+
+def describe_correction(args):
+    """E.g. 'correction dense + residual, bias existing, ridge heldout, neuron errors output'."""
+    target = args.correction + (" + residual" if args.residual_correction else "")
+    return (f"correction {target}, bias {args.bias_compensation}, ridge {args.correction_ridge}, "
+            f"neuron errors {args.neuron_errors}")
+
+
+def stat_record(args):
+    """The STAT flags a run's record keeps (besides method and allocation)."""
+    return {"calibration": args.calibration, "score_fraction": args.score_fraction, "correction": args.correction,
+            "residual_correction": args.residual_correction, "bias_compensation": args.bias_compensation,
+            "correction_ridge": args.correction_ridge, "neuron_errors": args.neuron_errors}
 
 
 def add_mu_argument(p):

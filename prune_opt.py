@@ -8,19 +8,12 @@ of the attention and FFN multiply-accumulates (S = the window length), and repor
 layer, so only one layer is on the device at a time. Results: output/opt/<model_name>.txt and
 .jsonl.
 """
-from pipelines import decoder
-from pipelines.flags import add_mu_argument, add_stat_arguments, check_stat_arguments, decoder_parser
-from utils.cli import output_dir, parse_command, run_main
+from pipelines import commands, decoder
+from utils.cli import run_main
 
 
 def parse_args(argv=None):
-    p = decoder_parser(__doc__)
-    add_mu_argument(p)
-    add_stat_arguments(p)
-    p.add_argument("--save_model", type=output_dir, metavar="DIR", help="write the pruned model here")
-    args = parse_command(p, argv, "prune_opt.py")
-    check_stat_arguments(p, args)
-    return args
+    return commands.parse("prune_opt.py", argv, __doc__)
 
 
 def main(argv=None):

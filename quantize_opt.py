@@ -11,21 +11,12 @@ codes with their per-group scales and zero points (load the folder with
 prerequisites.checkpoint.load_model(dir, formats=[quantize.storage.QUANTIZED])) and reports
 its size on disk against the dense checkpoint's. Results: output/opt/<model_name>.txt and .jsonl.
 """
-from pipelines import decoder
-from pipelines.flags import (add_mu_argument, add_quantize_arguments, add_stat_arguments, check_quantize_arguments,
-                             check_stat_arguments, decoder_parser)
-from utils.cli import parse_command, run_main
+from pipelines import commands, decoder
+from utils.cli import run_main
 
 
 def parse_args(argv=None):
-    p = decoder_parser(__doc__)
-    add_mu_argument(p)  # μ = 1: no pruning
-    add_stat_arguments(p)
-    add_quantize_arguments(p, wbits_required=True)
-    args = parse_command(p, argv, "quantize_opt.py")
-    check_quantize_arguments(p, args)
-    check_stat_arguments(p, args)
-    return args
+    return commands.parse("quantize_opt.py", argv, __doc__)
 
 
 def main(argv=None):

@@ -7,6 +7,10 @@ the perplexity of `stat` and `magnitude` at each μ next to dense; the pruning w
 the time of one dense forward pass over the same calibration windows (target ≤ 3); and the
 peak memory of a pruning run above the loaded model, measured in a fresh process, against
 three times one layer's activations (the calibration hidden states).
+
+A variant may also be a protocol's name (`improved`, `paper`): every knob as `prune_opt.py
+--protocol <name>` sets it (pipelines/protocol.py), its MAC split included; the calibration
+corpus stays austen, offline.
 """
 import argparse
 import copy
@@ -22,8 +26,9 @@ sys.path.insert(0, ROOT)
 
 from dataset import lm  # noqa: E402
 from efficiency.latency import RssPeak, forward_seconds as dense_forward_seconds  # noqa: E402
-from efficiency.macs import adapter_costs, model_macs  # noqa: E402
+from efficiency.macs import AUTHORS_NEURON_SHARE, adapter_costs, mac_ratios, unit_prices  # noqa: E402
 from evaluate.perplexity import perplexity  # noqa: E402
+from pipelines import protocol  # noqa: E402
 from prerequisites.adapters import adapter_for  # noqa: E402
 from prerequisites.checkpoint import load_model, load_tokenizer  # noqa: E402
 from prerequisites.layerwise import release_memory  # noqa: E402
@@ -60,8 +65,9 @@ def memory_probe(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mus", type=float, nargs="+", default=[0.95, 0.9, 0.8, 0.7])
-    p.add_argument("--variants", nargs="+", default=["stat/ffn_greedy", "stat/greedy", "magnitude/ffn_greedy"],
-                   help="method/allocation; the first is prune_opt.py's default")
+    p.add_argument("--variants", nargs="+", default=["stat/ffn_greedy", "stat/greedy", "magnitude/ffn_greedy", "paper"],
+                   help="method/allocation (the first is prune_opt.py's default), or a protocol: improved, paper")
+    p.add_argument("--skip_memory", action="store_true", help="leave out the memory probes (two fresh processes)")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--batch_size", type=int, default=4)
@@ -76,8 +82,7 @@ def main():
     tokenizer = load_tokenizer(model_dir)
     dense = load_model(model_dir)
     adapter = adapter_for(dense)
-    costs = adapter_costs(adapter, args.seqlen)
-    dense_macs = model_macs(*adapter.shape(dense), costs)
+    prices = unit_prices(adapter, adapter.shape(dense), args.seqlen, "decoder")
     batches = calibration(tokenizer, args)
     windows = lm.eval_windows(lm.eval_tokens("austen", tokenizer)["prideprejudice"], args.seqlen,
                               args.eval_windows)
@@ -92,15 +97,23 @@ def main():
     for mu in args.mus:
         row = {}
         for variant in args.variants:
-            method, allocation = variant.split("/")
+            if variant in protocol.PROTOCOLS:
+                knobs = protocol.resolve(argparse.Namespace(protocol=variant), protocol.DECODER)
+                method, split = "stat", knobs["mac_split"]
+                options = {k: knobs[k] for k in ("allocation", "calibration", "score_fraction")}
+            else:
+                method, allocation = variant.split("/")
+                split, options = "exact", {"allocation": allocation}
+            share = AUTHORS_NEURON_SHARE["decoder"] if split == "authors" else None
             model = copy.deepcopy(dense)
-            result = stat_prune(model, adapter, batches, costs, mu, "cpu", method=method, allocation=allocation,
-                                progress=False)
-            ratio = model_macs(result.attn_units, result.neurons, costs) / dense_macs
+            result = stat_prune(model, adapter, batches, prices[split], mu, "cpu", method=method, neuron_share=share,
+                                progress=False, **options)
+            exact, authors = mac_ratios(prices, adapter.shape(dense), (result.attn_units, result.neurons))
             row[variant] = perplexity(model, adapter, windows, "cpu", args.batch_size, progress=False)
             seconds[variant].append(result.seconds)
             print(f"  mu {mu:.2f} {variant:>20}: perplexity {row[variant]:.3f} ({row[variant] / dense_ppl - 1:+.1%}), "
-                  f"MACs {ratio:.4f}, KV groups {result.attn_units}, prune {result.seconds:.1f} s", flush=True)
+                  f"MACs {exact:.4f} (authors' split {authors:.4f}), KV groups {result.attn_units}, "
+                  f"prune {result.seconds:.1f} s", flush=True)
         rows.append((mu, row))
 
     print(f"\nperplexity on prideprejudice (dense {dense_ppl:.3f}); method/allocation")
@@ -110,6 +123,8 @@ def main():
     print("\npruning wall time / one dense forward pass over the calibration windows (target <= 3):")
     for variant, values in seconds.items():
         print(f"  {variant:>20}: {sum(values) / len(values) / forward_seconds:.2f}")
+    if args.skip_memory:
+        return
 
     def probe(**env):
         run = subprocess.run([sys.executable, __file__, "--memory_probe", "--nsamples", str(args.nsamples),

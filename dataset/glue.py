@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dataset.sampling import draw_with_replacement
 from utils.errors import UserError, not_utf8
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -207,6 +208,8 @@ def _load_hub(spec, split):
     texts_a = list(dataset[spec.text_keys[0]])
     texts_b = list(dataset[spec.text_keys[1]]) if len(spec.text_keys) > 1 else None
     labels = list(dataset["label"])
+    if any(label < 0 for label in labels):  # how nyu-mll/glue marks the unlabelled test splits
+        raise UserError(f"nyu-mll/glue ({spec.name}, {split}) has examples without a label (-1)")
     cast = float if spec.is_regression else int
     return [Example(a, texts_b[i] if texts_b is not None else None, cast(labels[i]))
             for i, a in enumerate(texts_a)]
@@ -237,16 +240,33 @@ def load_examples(task, split, data_dir=None):
 # ---------------------------------------------------------------------------------------
 # Calibration sample, tokenization, batches
 
-def sample_calibration(examples, n, seed):
-    """n distinct examples, drawn without replacement by a generator seeded with seed."""
+SAMPLERS = ("distinct", "with_replacement")
+
+
+def sample_calibration(examples, n, seed, sampler="distinct"):
+    """n training examples drawn by a generator seeded with seed.
+
+    distinct: n different examples (numpy's default_rng, without replacement).
+    with_replacement: the draw of Kwon et al.'s and the authors' scripts, np.random.seed(seed)
+    then np.random.choice(len(examples), n): with replacement, so an example may come twice
+    (its tokens then count twice in every Gram), and the same seed gives the same draw.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
+    return [examples[i] for i in calibration_indices(len(examples), n, seed, sampler, what="examples")]
+
+
+def calibration_indices(size, n, seed, sampler, what="examples"):
+    """The indices sample_calibration draws from a training set of `size` items."""
     if n < 1:
-        raise UserError(f"the number of calibration examples must be positive, got {n}")
-    if n > len(examples):
-        raise UserError(f"asked for {n} calibration examples, but the split has only "
-                        f"{len(examples)}")
-    rng = np.random.default_rng(seed)
-    picks = rng.choice(len(examples), size=n, replace=False)
-    return [examples[i] for i in picks]
+        raise UserError(f"the number of calibration {what} must be positive, got {n}")
+    if size == 0:
+        raise UserError(f"the training set has no {what} to calibrate on")
+    if sampler == "with_replacement":
+        return draw_with_replacement(size, n, seed).tolist()
+    if n > size:
+        raise UserError(f"asked for {n} calibration {what}, but the split has only {size}")
+    return np.random.default_rng(seed).choice(size, size=n, replace=False).tolist()
 
 
 def encode(examples, tokenizer, spec):

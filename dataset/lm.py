@@ -47,6 +47,9 @@ from utils.errors import UserError, not_utf8
 
 LM_TASKS = ("wikitext2", "ptb-new", "c4-new", "text", "austen")
 STANDARD_TASKS = ("wikitext2", "ptb-new", "c4-new")
+# The names the paper and GPTQ's scripts give the sets read here as ptb-new and c4-new (their
+# "ptb" and "c4" evaluation sets are older variants, but calibration draws the same windows).
+PAPER_NAMES = {"ptb": "ptb-new", "c4": "c4-new"}
 
 C4_EVAL_DOCS = 1100  # GPTQ's c4-new: the first 1100 validation documents...
 MAX_EVAL_WINDOWS = {"c4-new": 256}  # ...and the first 256 windows of them
@@ -80,8 +83,15 @@ HUB = {
 
 def check_task(task):
     if task not in LM_TASKS:
-        choices = ", ".join(LM_TASKS)
+        choices = ", ".join(LM_TASKS + tuple(PAPER_NAMES))
         raise UserError(f"unknown language-model task {task!r} (choose from {choices})")
+
+
+def canonical_task(task):
+    """The task a name stands for (the paper's `ptb` and `c4` are ptb-new and c4-new here)."""
+    task = PAPER_NAMES.get(task, task)
+    check_task(task)
+    return task
 
 
 def eval_set_name(task):
@@ -342,13 +352,19 @@ def _document_windows(documents, tokenizer, nsamples, seqlen, rng):
     return torch.stack(windows)
 
 
-def eval_tokens(task, tokenizer, data_dir=None):
-    """Tokenized evaluation streams of a run on `task`: {set name: LongTensor (1, n_tokens)}
-    for each set of available_eval_sets(task, data_dir), own set first. Each test text is
-    tokenized once, whole. Window each one with
-    eval_windows(tokens, seqlen, MAX_EVAL_WINDOWS.get(name))."""
-    return {eval_set_name(name): tokenize(tokenizer, eval_text(name, data_dir))
-            for name in available_eval_sets(task, data_dir)}
+def eval_tokens(task, tokenizer, data_dir=None, tasks=None):
+    """Tokenized evaluation streams: {set name: LongTensor (1, n_tokens)} for each set of
+    `tasks` (canonical names) or, when None, of available_eval_sets(task, data_dir), own set
+    first. Each test text is tokenized once, whole. Window each one with
+    eval_windows(tokens, seqlen, MAX_EVAL_WINDOWS.get(task))."""
+    tasks = available_eval_sets(task, data_dir) if tasks is None else tasks
+    return {eval_set_name(name): tokenize(tokenizer, eval_text(name, data_dir)) for name in tasks}
+
+
+def eval_available(task, data_dir=None):
+    """Whether a task's evaluation set can be read (from --data_dir, the shipped files or the hub)."""
+    check_task(task)
+    return _eval_available(task, data_dir)
 
 
 def window_batches(windows, batch_size):

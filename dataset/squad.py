@@ -13,8 +13,11 @@ import json
 import os
 import random
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from dataset.sampling import draw_with_replacement
 from utils.errors import UserError, not_utf8
 
 VERSIONS = ("1.1", "2.0")
@@ -196,7 +199,8 @@ def _answer_tokens(example, offsets, sequence_ids):
 def prepare_train_features(examples, tokenizer, max_length=384, stride=128, chunk=1000):
     """Training features, with start/end token positions of the answer (CLS when absent).
 
-    Pruning only needs the inputs; the positions are there for completeness.
+    STAT only needs the inputs; the positions are the targets of the task loss that Kwon et
+    al.'s importance scores differentiate.
     """
     features = []
     for lo in range(0, len(examples), chunk):
@@ -210,6 +214,37 @@ def prepare_train_features(examples, tokenizer, max_length=384, stride=128, chun
             feature["example_index"] = lo + ex_i
             features.append(feature)
     return features
+
+
+def train_feature_counts(examples, tokenizer, max_length=384, stride=128, chunk=1000):
+    """How many training features (windows) each example gives, without keeping them: a
+    sample drawn from all the features of the training set needs their number, and holding
+    all of them (~88k lists of up to 384 token ids) would take gigabytes."""
+    counts = np.zeros(len(examples), dtype=np.int64)
+    for lo in tqdm(range(0, len(examples), chunk), desc="counting SQuAD training features", leave=False,
+                   disable=len(examples) <= chunk):
+        enc = _tokenize(examples[lo:lo + chunk], tokenizer, max_length, stride)
+        np.add.at(counts, lo + np.asarray(enc["overflow_to_sample_mapping"], dtype=np.int64), 1)
+    return counts
+
+
+def train_features_at(examples, tokenizer, indices, counts, max_length=384, stride=128):
+    """The features at `indices` (repeats allowed, in that order) of the list that
+    prepare_train_features(examples) returns, featurizing only the examples they come from.
+
+    counts: train_feature_counts(examples). An example's windows do not depend on which
+    other examples are tokenized with it, so the features are the same as from the whole list.
+    """
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    indices = np.asarray(indices, dtype=np.int64)
+    if len(indices) and not 0 <= indices.min() <= indices.max() < starts[-1]:
+        raise IndexError(f"feature index out of range 0..{starts[-1] - 1}")
+    owners = np.searchsorted(starts, indices, side="right") - 1
+    needed = sorted(set(owners.tolist()))
+    windows = {i: [] for i in needed}
+    for feature in prepare_train_features([examples[i] for i in needed], tokenizer, max_length, stride):
+        windows[needed[feature["example_index"]]].append(feature)
+    return [dict(windows[e][g - starts[e]], example_index=int(e)) for g, e in zip(indices.tolist(), owners.tolist())]
 
 
 def prepare_eval_features(examples, tokenizer, max_length=384, stride=128, chunk=1000):
@@ -234,10 +269,22 @@ def prepare_eval_features(examples, tokenizer, max_length=384, stride=128, chunk
 # -----------------------------------------------------------------------------
 # Calibration and batching
 
-def sample_calibration_features(features, n, seed):
-    """n distinct features drawn at random, reproducibly for a given seed."""
+def sample_calibration_features(features, n, seed, sampler="distinct"):
+    """n features drawn at random, reproducibly for a given seed.
+
+    distinct: n different features (random.Random(seed).sample).
+    with_replacement: Kwon et al.'s draw (their main.py, which the STAT authors' BERT code
+    follows), np.random.seed(seed) then np.random.choice(len(features), n), over the features of
+    the whole training set: with replacement, so a feature may come twice.
+    """
     if n < 1:
         raise UserError(f"the calibration sample size must be positive, got {n}")
+    if sampler == "with_replacement":
+        if not features:
+            raise UserError("the training set has no features to calibrate on")
+        return [features[i] for i in draw_with_replacement(len(features), n, seed)]
+    if sampler != "distinct":
+        raise ValueError(f"unknown sampler {sampler!r}")
     if n > len(features):
         raise UserError(f"asked for {n} calibration features, but the training set "
                         f"only has {len(features)}")
@@ -251,8 +298,9 @@ def batches(features, batch_size):
         yield features[lo:lo + batch_size]
 
 
-def collate(features, pad_token_id):
-    """Pad a batch on the right to its longest feature; return long tensors of model inputs."""
+def collate(features, pad_token_id, with_positions=False):
+    """Pad a batch on the right to its longest feature; return long tensors of model inputs
+    (with_positions: and the answers' start_positions and end_positions, the task's labels)."""
     width = max(len(f["input_ids"]) for f in features)
     keys = ["input_ids", "attention_mask"]
     if "token_type_ids" in features[0]:
@@ -264,4 +312,7 @@ def collate(features, pad_token_id):
         for row, f in enumerate(features):
             t[row, :len(f[key])] = torch.as_tensor(f[key], dtype=torch.long)
         batch[key] = t
+    if with_positions:
+        for key in ("start_positions", "end_positions"):
+            batch[key] = torch.tensor([f[key] for f in features], dtype=torch.long)
     return batch

@@ -7,21 +7,18 @@ states) on the device, so large models evaluate in small memory, as they prune.
 """
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
-
 from dataset.lm import window_batches
-from prerequisites.layerwise import capture_inputs, move_to, restore, run_layer
+from prerequisites.layerwise import capture_inputs, each_layer, move_to, restore, run_layer
 
 
 @torch.no_grad()
-def window_nlls(model, adapter, windows, device, batch_size=1, progress=True, desc="perplexity"):
-    """Mean next-token NLL of each window (windows: LongTensor (n, seqlen)), layer by layer."""
+def window_nlls(model, adapter, windows, device, batch_size=1, progress=True, desc="perplexity", store=None):
+    """Mean next-token NLL of each window (windows: LongTensor (n, seqlen)), layer by layer
+    (`store`: a LayerStore, when the layers live on disk between their turns)."""
     batches = window_batches(windows, batch_size)
     inputs = capture_inputs(model, adapter, batches, device)
-    for layer in tqdm(adapter.layers(model), desc=desc, disable=not progress, leave=False):
-        moved = move_to([layer], device)
+    for _, layer in each_layer(model, adapter, device, store, desc=desc, progress=progress, leave=False):
         run_layer(layer, inputs)
-        restore(moved)
     moved = move_to(adapter.post_layer_modules(model), device)
     nlls = []
     for x, batch in zip(inputs.hidden, batches):
@@ -34,5 +31,5 @@ def window_nlls(model, adapter, windows, device, batch_size=1, progress=True, de
     return torch.stack(nlls)
 
 
-def perplexity(model, adapter, windows, device, batch_size=1, progress=True, desc="perplexity"):
-    return float(torch.exp(window_nlls(model, adapter, windows, device, batch_size, progress, desc).mean()))
+def perplexity(model, adapter, windows, device, batch_size=1, progress=True, desc="perplexity", store=None):
+    return float(torch.exp(window_nlls(model, adapter, windows, device, batch_size, progress, desc, store).mean()))

@@ -9,9 +9,11 @@ import sys
 import numpy as np
 
 from dataset import glue, squad
+from dataset.sampling import draw_with_replacement
 from evaluate.glue import evaluate_task
-from evaluate.inputs import accepted_inputs
+from evaluate.inputs import accepted_inputs, labelled_inputs
 from evaluate.squad import evaluate_squad
+from utils.cache import fingerprint
 from utils.errors import UserError
 
 SQUAD_VERSIONS = {"squad": "1.1", "squad_v2": "2.0"}
@@ -56,6 +58,11 @@ def class_to_label(spec, config):
 
 
 class GlueTask:
+    # Kwon et al.'s mini-batches for their Fisher importance (its value depends on them: it
+    # sums squared mini-batch gradients); the last layer of a classifier is tuned on [CLS] only
+    labelled_batch_size = 32
+    classification = True
+
     def __init__(self, name, tokenizer, data_dir, batch_size):
         self.spec = glue.get_task(name)
         self.name = name
@@ -72,17 +79,28 @@ class GlueTask:
         return [accepted_inputs(model, b) | {"labels": b["labels"]}
                 for b in glue.batches(encoded, self.batch_size, self.tokenizer.pad_token_id)]
 
-    def calibration_batches(self, model, n, seed):
-        return self.batch_calibration(model, self.calibration_sample(n, seed))
+    def calibration_batches(self, model, n, seed, sampler="distinct"):
+        return self.batch_calibration(model, self.calibration_sample(n, seed, sampler))
 
-    def calibration_sample(self, n, seed):
-        """n encoded training examples; needs no model, so a bad n fails before any model work."""
-        sample = glue.encode(glue.sample_calibration(self.train, n, seed), self.tokenizer, self.spec)
+    def calibration_sample(self, n, seed, sampler="distinct"):
+        """n encoded training examples (dataset/glue.py's samplers); needs no model, so a bad n
+        fails before any model work."""
+        sample = glue.encode(glue.sample_calibration(self.train, n, seed, sampler), self.tokenizer, self.spec)
         sample.sort(key=lambda item: len(item["input_ids"]))  # less padding, same examples
         return sample
 
     def batch_calibration(self, model, sample):
         return [accepted_inputs(model, b) for b in glue.batches(sample, self.batch_size, self.tokenizer.pad_token_id)]
+
+    def labelled_sample(self, n, seed):
+        """Kwon et al.'s sample: n encoded training examples with their labels, drawn with
+        replacement (dataset/sampling.py), in the order drawn."""
+        picks = draw_with_replacement(len(self.train), n, seed)
+        return glue.encode([self.train[i] for i in picks], self.tokenizer, self.spec)
+
+    def labelled_batches(self, model, sample):
+        return [labelled_inputs(model, b)
+                for b in glue.batches(sample, self.labelled_batch_size, self.tokenizer.pad_token_id)]
 
     def evaluate(self, model, device):
         batches = {split: self._batches(encoded, model) for split, encoded in self.eval_sets.items()}
@@ -94,6 +112,10 @@ class GlueTask:
             self._told_mapping = True
         return evaluate_task(model, self.spec, batches, device, class_to_label=mapping)
 
+    def eval_fingerprint(self):
+        """A hash of everything the evaluation reads (tokens and labels of every split)."""
+        return fingerprint([self.name, self.eval_sets])
+
     def latency_batch(self, model, size=32):
         """A fixed batch of dev examples, padded to the longest, for timing forward passes."""
         first = next(iter(self.eval_sets.values()))[:size]
@@ -101,6 +123,9 @@ class GlueTask:
 
 
 class SquadTask:
+    labelled_batch_size = 12  # Kwon et al.'s, for SQuAD
+    classification = False
+
     def __init__(self, name, tokenizer, data_dir, batch_size):
         self.name = name
         self.version = SQUAD_VERSIONS[name]
@@ -112,18 +137,39 @@ class SquadTask:
         self.examples = squad.load_squad(self.version, "validation", data_dir)
         self.features = squad.prepare_eval_features(self.examples, tokenizer)
 
-    def calibration_batches(self, model, n, seed):
-        return self.batch_calibration(model, self.calibration_sample(n, seed))
+    def calibration_batches(self, model, n, seed, sampler="distinct"):
+        return self.batch_calibration(model, self.calibration_sample(n, seed, sampler))
 
-    def calibration_sample(self, n, seed):
-        """n training features; needs no model, so a bad n fails before any model work."""
-        sample = squad.sample_calibration_features(self._some_train_features(n, seed), n, seed)
+    def calibration_sample(self, n, seed, sampler="distinct"):
+        """n training features; needs no model, so a bad n fails before any model work.
+
+        with_replacement draws, as Kwon et al., among the features of the whole training set,
+        which are all made for it (about a minute for SQuAD's 88k questions); distinct among
+        those of a seeded random part of it (_some_train_features)."""
+        with_replacement = sampler == "with_replacement"
+        pool = self._all_train_features() if with_replacement else self._some_train_features(n, seed)
+        sample = squad.sample_calibration_features(pool, n, seed, sampler)
         sample.sort(key=lambda f: len(f["input_ids"]))
         return sample
 
     def batch_calibration(self, model, sample):
         return [accepted_inputs(model, squad.collate(chunk, self.tokenizer.pad_token_id))
                 for chunk in squad.batches(sample, self.batch_size)]
+
+    def _all_train_features(self):
+        print(f"featurising all {len(self.train)} training questions for the calibration draw ...")
+        return squad.prepare_train_features(self.train, self.tokenizer)
+
+    def labelled_sample(self, n, seed):
+        """Kwon et al.'s sample: n of all the training features (with the answers' start and
+        end positions), drawn with replacement, in the order drawn."""
+        counts = squad.train_feature_counts(self.train, self.tokenizer)
+        picks = draw_with_replacement(int(counts.sum()), n, seed)
+        return squad.train_features_at(self.train, self.tokenizer, picks, counts)
+
+    def labelled_batches(self, model, sample):
+        return [labelled_inputs(model, squad.collate(chunk, self.tokenizer.pad_token_id, with_positions=True))
+                for chunk in squad.batches(sample, self.labelled_batch_size)]
 
     def _some_train_features(self, n, seed, chunk=1000):
         """Features of training examples taken in a seeded random order until there are at
@@ -140,6 +186,10 @@ class SquadTask:
         metrics = evaluate_squad(model, self.examples, self.features, self.version, device, self.batch_size)
         self.last_timing = {k: metrics.pop(k) for k in ("forward_seconds", "postprocess_seconds")}
         return metrics
+
+    def eval_fingerprint(self):
+        """A hash of everything the evaluation reads (the examples, their answers, the features)."""
+        return fingerprint([self.name, self.examples, self.features])
 
     def latency_batch(self, model, size=32):
         return accepted_inputs(model, squad.collate(self.features[:size], self.tokenizer.pad_token_id))

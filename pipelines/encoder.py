@@ -1,15 +1,22 @@
 """Encoder runs (prune_bert.py): load a fine-tuned classifier or QA model, score it, prune it
-with STAT, score it again, and write output/<model_name>/<task_name>.*."""
+(STAT, magnitude, or Kwon et al.'s method), score it again, and write
+output/<model_name>/<task_name>.*."""
 import os
 
 from efficiency.latency import measure_latency
-from efficiency.macs import adapter_costs, count_parameters, model_macs
+from efficiency.macs import AUTHORS_NEURON_SHARE, count_parameters, mac_ratios, unit_prices
 from evaluate.tasks import check_checkpoint, make_task, task_names
+from pipelines import protocol
+from pipelines.commands import encoder_result_stem
+from pipelines.flags import CORRECTION_FLAGS, correction_of, describe_correction
 from prerequisites.adapters import adapter_for
-from prerequisites.checkpoint import load_config, load_model, load_tokenizer, save_pruned
-from pipelines.flags import describe_correction, stat_options, stat_record
+from prerequisites.checkpoint import checkpoint_identity, load_config, load_model, load_tokenizer, save_pruned
+from prerequisites.hub import resolve_checkpoint
+from prune.kwon import kwon_prune
 from prune.stat import stat_prune
-from utils.cli import require_dir, resolve_device, set_seed
+from prune.units import SELF
+from utils.cache import DenseCache
+from utils.cli import resolve_device, set_seed
 from utils.errors import UserError
 from utils.results import append_result, now, provenance
 
@@ -18,12 +25,14 @@ def format_block(r, metric_names):
     def pair(name):
         return f"{name}: dense {r['metrics']['dense'][name]:.4f}  pruned {r['metrics']['pruned'][name]:.4f}"
 
+    corrections = f", {describe_correction(r)}" if r.get("correction") else ""  # none for kwon
     lines = [
         f"== {r['model_name']} / {r['task_name']}  {r['time']} ==",
-        f"method {r['method']} (allocation {r['allocation']}, calibration {r['calibration']}, "
-        f"{r['correction_summary']}), mu {r['mu']}, "
-        f"seed {r['seed']}, {r['sample_batch_size']} calibration examples, device {r['device']}",
-        f"MACs kept: {r['mac_ratio']:.4f} of dense (target {r['mu']})",
+        f"protocol {r['protocol']}: method {r['method']} (allocation {r['allocation']}, calibration "
+        f"{r['calibration']}, MAC split {r['mac_split']}{corrections}), mu {r['mu']}, seed {r['seed']}, "
+        f"{r['sample_batch_size']} calibration examples ({r['sampler'].replace('_', ' ')}), device {r['device']}",
+        f"MACs kept: {r['mac_ratio']:.4f} of dense (target {r['mu']}); "
+        f"{r['mac_ratio_authors']:.4f} priced with the authors' split",
         *[pair(name) for name in metric_names],
         f"heads per layer: {r['heads_per_layer']}",
         f"neurons per layer: {r['neurons_per_layer']}",
@@ -35,13 +44,27 @@ def format_block(r, metric_names):
     return "\n".join(lines)
 
 
+def dense_scores(args, model_dir, task, model, device):
+    """The dense model's metrics on the task, from the cache when it has them."""
+    key = {"kind": "encoder", "checkpoint": checkpoint_identity(model_dir), "task": args.task_name,
+           "eval_data": task.eval_fingerprint(), "batch_size": args.batch_size, "device": device.type,
+           "dtype": str(next(model.parameters()).dtype)}
+    cache = DenseCache(args.output_dir, enabled=not args.no_cache)
+    metrics, cached = cache.get_or_compute(key, lambda: task.evaluate(model, device))
+    if cached:
+        print(f"dense scores from the cache ({cache.path(key)}; --no_cache to score again)")
+    return metrics, cached
+
+
 def prune(args):
     """Everything prune_bert.py does, from its parsed flags; returns the record."""
+    knobs = protocol.resolve(args, protocol.ENCODER)
     device = resolve_device(args.device)
     set_seed(args.seed)
     if args.task_name not in task_names():
         raise UserError(f"unknown task {args.task_name!r} (known tasks: {', '.join(task_names())})")
-    model_dir = require_dir(args.model_dir or os.path.join("models", args.model_name, args.task_name), "checkpoint")
+    # a local folder, or a hub id (downloaded, or read from the cache when offline)
+    model_dir = resolve_checkpoint(args.model_dir or os.path.join("models", args.model_name, args.task_name))
 
     config = load_config(model_dir)
     check_checkpoint(args.task_name, config)
@@ -49,29 +72,48 @@ def prune(args):
     tokenizer = load_tokenizer(model_dir)
     task = make_task(args.task_name, tokenizer, args.data_dir, args.batch_size)
     # drawn now: a sample larger than the training set fails before the model loads
-    calibration_sample = task.calibration_sample(args.sample_batch_size, args.seed)
+    kwon = args.method == "kwon"
+    if kwon:  # Kwon et al.'s own labelled draw, with replacement
+        calibration_sample, n_calibration = task.labelled_sample(args.num_samples, args.seed), args.num_samples
+        knobs.update(calibration="mask_tuning", score_fraction=None, sampler="with_replacement",
+                     **dict.fromkeys(CORRECTION_FLAGS))
+    else:
+        calibration_sample = task.calibration_sample(args.sample_batch_size, args.seed, args.sampler)
+        n_calibration = args.sample_batch_size
     model = load_model(model_dir, device=device)
     adapter = adapter_for(model)
 
     print(f"scoring the dense model on {args.task_name} ...")
-    dense = task.evaluate(model, device)
+    dense, dense_cached = dense_scores(args, model_dir, task, model, device)
     params_dense = count_parameters(model)
     latency_batch = task.latency_batch(model)
     latency_dense = measure_latency(model, latency_batch, device)
-    costs = adapter_costs(adapter, task.mac_seq_len)
-    dense_macs = model_macs(*adapter.shape(model), costs)
+    dense_shape = adapter.shape(model)
+    prices = unit_prices(adapter, dense_shape, task.mac_seq_len, "encoder")
 
-    calib_batches = task.batch_calibration(model, calibration_sample)
-    result = stat_prune(model, adapter, calib_batches, costs, args.mu, device, **stat_options(args))
+    if kwon:
+        result = kwon_prune(model, adapter, task.labelled_batches(model, calibration_sample), prices[args.mac_split],
+                            args.mu, device, classification=task.classification)
+    else:
+        calib_batches = task.batch_calibration(model, calibration_sample)
+        result = stat_prune(model, adapter, calib_batches, prices[args.mac_split], args.mu, device,
+                            method=args.method, allocation=args.allocation, calibration=args.calibration,
+                            sketch_rows=args.sketch, sketch_seed=args.seed, score_fraction=args.score_fraction,
+                            neuron_share=AUTHORS_NEURON_SHARE["encoder"] if args.mac_split == "authors" else None,
+                            correction=correction_of(args) if args.method == "stat" else SELF,
+                            neuron_errors=args.neuron_errors)
 
     print("scoring the pruned model ...")
     pruned = task.evaluate(model, device)
     attn_units, neurons = adapter.shape(model)
+    mac_ratio, mac_ratio_authors = mac_ratios(prices, dense_shape, (attn_units, neurons))
     record = {
         "model_name": args.model_name, "task_name": args.task_name, "method": args.method,
-        "allocation": result.allocation, **stat_record(args), "correction_summary": describe_correction(args),
-        "mu": args.mu, "mac_ratio": model_macs(attn_units, neurons, costs) / dense_macs,
-        "seed": args.seed, "sample_batch_size": args.sample_batch_size,
+        "protocol": args.protocol, **knobs, "allocation": result.allocation,
+        "sketch": args.sketch, "sketch_seed": args.seed if args.sketch else None,
+        "batch_size": args.batch_size, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "mu": args.mu, "mac_ratio": mac_ratio, "mac_ratio_authors": mac_ratio_authors,
+        "seed": args.seed, "sample_batch_size": n_calibration, "dense_cached": dense_cached,
         "metric_name": task.metric_name, "dense_metric": dense[task.metric_name],
         "pruned_metric": pruned[task.metric_name], "metrics": {"dense": dense, "pruned": pruned},
         "heads_per_layer": attn_units, "neurons_per_layer": neurons,
@@ -84,6 +126,6 @@ def prune(args):
         save_pruned(model, args.save_model, tokenizer)
         record["saved_to"] = args.save_model
     block = format_block(record, [k for k in dense if isinstance(dense[k], float)])
-    append_result(os.path.join(args.output_dir, args.model_name, args.task_name), record, block)
+    append_result(encoder_result_stem(args), record, block)
     print(block)
     return record

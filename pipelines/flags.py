@@ -3,59 +3,94 @@ how GPTQ quantizes. Each script builds its parser from these groups and its own 
 import argparse
 
 from dataset import lm
+from dataset.glue import SAMPLERS
+from efficiency.macs import MAC_SPLITS
+from pipelines import protocol
 from prune.allocation import ALLOCATORS
-from prune.stat import CALIBRATIONS, METHODS, NEURON_ERRORS
+from prune.stat import CALIBRATIONS, DENSE_TARGET_CALIBRATIONS, METHODS, NEURON_ERRORS
 from prune.units import Correction
 from quantize.gptq import check_groupsize
-from utils.cli import ArgumentParser, fraction_value, mu_value, output_dir, positive_int, seed_value
+from utils.cli import ArgumentParser, existing_dir, fraction_value, mu_value, output_dir, positive_int, seed_value
 
 WBITS = (2, 3, 4, 8)
-QUANTIZE_FLAGS = ("groupsize", "sym", "act_order", "nearest", "percdamp", "save_model")
+QUANTIZE_FLAGS = ("groupsize", "sym", "act_order", "nearest", "percdamp", "save_model", "gptq_reference",
+                  "true_sequential")
 
 
 def parser(description):
     return ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def add_protocol_argument(p):
+    """--protocol and --no_cache (every entry script)."""
+    p.add_argument("--protocol", choices=protocol.PROTOCOLS, default="improved",
+                   help="improved: what measured best here (default); paper: the authors' released code, "
+                        "literally. Sets the flags marked [protocol] that are not given (pipelines/protocol.py)")
+    p.add_argument("--no_cache", action="store_true",
+                   help="score the dense model again even when <output_dir>/.dense_cache has its scores")
+
+
 def add_stat_arguments(p):
-    """The flags that choose how STAT prunes (prune_bert.py, prune_opt.py, quantize_opt.py)."""
+    """The flags that choose how STAT prunes (prune_bert.py, prune_opt.py, quantize_opt.py).
+    Those marked [protocol] default to None: pipelines/protocol.py fills them."""
     p.add_argument("--method", choices=METHODS, default="stat",
                    help="stat: interpolative decompositions with corrections; magnitude: same allocation, "
-                        "units ranked by weight norms, no correction")
+                        "units ranked by weight norms, no correction; kwon: Kwon et al. 2022 (Fisher importance "
+                        "of a task loss, mask search, rearrangement and tuning; prune_bert.py only)")
     p.add_argument("--allocation", choices=list(ALLOCATORS),
-                   help="how the MAC budget is shared across layers: greedy (error removed per MAC; the "
-                        "default for encoders), ffn_greedy (all heads kept; the default for decoders), "
-                        "faithful (the rule of the authors' code), uniform")
-    p.add_argument("--calibration", choices=CALIBRATIONS, default="sequential",
-                   help="sequential: each layer's IDs measured on the pruned layers below; dense_ffn: FFN IDs "
-                        "from the dense model; one_shot: all IDs from the dense model (fastest)")
-    p.add_argument("--score_fraction", type=fraction_value, default=0.25,
-                   help="share of the calibration set that pass 1 scores the dense model on (for the "
-                        "allocation; pass 2 always uses all of it)")
+                   help="[protocol] how the MAC budget is shared across layers: greedy (error removed per MAC; "
+                        "improved, encoders), ffn_greedy (all heads kept; improved, decoders), faithful (the "
+                        "authors' rule, literally; paper), uniform")
+    p.add_argument("--calibration", choices=CALIBRATIONS,
+                   help="[protocol] where the IDs are measured: sequential (improved): each layer's on the pruned "
+                        "layers below; dense_ffn: FFN IDs from the dense model; one_shot (paper, decoders): all "
+                        "IDs from the dense model; ffn_then_attn (paper, encoders): FFN IDs from the dense model, "
+                        "FFNs pruned, then the attention IDs from that model")
+    p.add_argument("--score_fraction", type=fraction_value,
+                   help="[protocol] share of the calibration set that pass 1 scores the dense model on, for the "
+                        "allocation (improved 0.25, paper 1; pass 2 always uses all of it)")
+    p.add_argument("--mac_split", choices=MAC_SPLITS,
+                   help="[protocol] how units are priced for the budget: exact (improved): each model's own "
+                        "MACs per head and neuron; authors (paper): the authors' fixed head/neuron share "
+                        "(neurons 0.6623 of a layer for encoders, 4/7 for decoders)")
     p.add_argument("--sketch", type=positive_int, metavar="ROWS",
                    help="CountSketch each batch's activations to this many rows before its Gram product "
-                        "(approximate; for very long calibration sets)")
-    p.add_argument("--correction", choices=CORRECTIONS, default="self",
-                   help="what each pruned layer's correction reproduces: self (its own output on the inputs "
-                        "the pruned model gives it) or dense (the dense model's output: the dense inputs are "
-                        "carried alongside, a second forward pass)")
-    p.add_argument("--residual_correction", action=argparse.BooleanOptionalAction, default=False,
-                   help="with --correction dense: each corrected projection also absorbs the gap of the residual "
-                        "stream it writes into (x_dense - x_pruned)")
-    p.add_argument("--bias_compensation", choices=BIAS_COMPENSATIONS, default="off",
-                   help="keep a constant column in every ID and fold the dropped units' mean into the consumer's "
-                        "bias: existing (consumers that have a bias), add (also give the others one), off")
-    p.add_argument("--correction_ridge", type=ridge_value, default="id",
-                   help="ridge of the corrections, relative to the mean diagonal of the kept activations' Gram, "
-                        "shrinking them towards plain selection: id (the ID's own, 1e-8), a number, or heldout "
-                        "(chosen per block on every 4th calibration batch)")
-    p.add_argument("--neuron_errors", choices=NEURON_ERRORS, default="id",
-                   help="how greedy/ffn_greedy price neurons: id (the scaled ID's error) or output (the error in "
-                        "the FFN's output, as heads are priced)")
+                        "(approximate; for very long calibration sets; its draws follow --seed)")
+    add_correction_arguments(p)
 
 
 CORRECTIONS = ("self", "dense")
 BIAS_COMPENSATIONS = ("off", "existing", "add")
+# the flags of the corrections beyond the paper (README, "Corrections beyond the paper"); all
+# of them are protocol knobs
+CORRECTION_FLAGS = ("correction", "residual_correction", "bias_compensation", "correction_ridge", "neuron_errors")
+
+
+def add_correction_arguments(p):
+    """How each pruned block's consumer is refitted, and how neurons are priced (issue 14)."""
+    p.add_argument("--correction", choices=CORRECTIONS,
+                   help="[protocol] what each pruned block's correction reproduces: self (paper, improved): its "
+                        "own output on the inputs the pruned layers below give it, so the error arriving from "
+                        "below is carried, not undone; dense: the dense model's output (the dense model's "
+                        "activations are carried alongside through each layer before it is pruned: a second "
+                        "forward pass; needs --calibration sequential or dense_ffn)")
+    p.add_argument("--residual_correction", action=argparse.BooleanOptionalAction,
+                   help="[protocol] with --correction dense: each corrected output projection also absorbs the gap "
+                        "of the residual stream it writes into, x_dense - x_pruned (paper, improved: no)")
+    p.add_argument("--bias_compensation", choices=BIAS_COMPENSATIONS,
+                   help="[protocol] keep a constant column in every ID and fold the dropped units' mean into the "
+                        "consumer's bias: existing (consumers that have a bias; a layer left with no heads keeps "
+                        "its value biases' constant), add (also give the others one: the checkpoint still loads "
+                        "with from_pretrained(trust_remote_code=True)), off (paper, improved)")
+    p.add_argument("--correction_ridge", type=ridge_value, metavar="id|heldout|X",
+                   help="[protocol] ridge of the corrections, relative to the mean diagonal of the kept "
+                        "activations' Gram, shrinking them towards plain selection: id (paper, improved: the "
+                        "ID's own, 1e-8 of the trace), a positive number, or heldout (chosen per block among "
+                        "1e-6..10 by the error on every 4th calibration batch, fitted on the others)")
+    p.add_argument("--neuron_errors", choices=NEURON_ERRORS,
+                   help="[protocol] how greedy and ffn_greedy price dropping neurons: id (paper, improved: the "
+                        "error of the weight-scaled ID) or output (the error it leaves in the FFN's output, "
+                        "as heads are priced)")
 
 
 def ridge_value(text):
@@ -70,38 +105,76 @@ def ridge_value(text):
     return value
 
 
-def check_stat_arguments(p, args):
-    """One-line errors (exit 2) for STAT flag combinations that cannot work."""
-    if args.residual_correction and args.correction != "dense":
+def check_stat_arguments(p, args, table):
+    """One-line errors (exit 2) for correction flags that cannot work together, or that the
+    method would ignore; `table`: the protocol table (pipelines/protocol.py) that will fill the
+    flags left unset."""
+    def value(knob):
+        given = getattr(args, knob)
+        return protocol.default(table, knob, args.protocol) if given is None else given
+
+    if args.method == "magnitude":  # ranks by weight norms and never corrects (the allocation is STAT's)
+        given = [f"--{flag}" for flag in CORRECTION_FLAGS if flag != "neuron_errors" and getattr(args, flag) is not None]
+        if given:
+            p.error(f"{', '.join(given)} apply to --method stat, not magnitude")
+    if args.method != "stat":
+        return
+    if value("residual_correction") and value("correction") != "dense":
         p.error("--residual_correction needs --correction dense")
+    if value("correction") == "dense" and value("calibration") not in DENSE_TARGET_CALIBRATIONS:
+        origin = "" if args.calibration else f" (the {args.protocol} protocol's)"
+        p.error(f"--correction dense needs --calibration {' or '.join(DENSE_TARGET_CALIBRATIONS)}, "
+                f"not {value('calibration')}{origin}")
 
 
 def correction_of(args):
-    """The prune.units.Correction that the flags ask for."""
+    """The prune.units.Correction that the (resolved) flags ask for."""
     return Correction(target=args.correction, residual=args.residual_correction,
                       bias=args.bias_compensation != "off", add_bias=args.bias_compensation == "add",
                       ridge=None if args.correction_ridge == "id" else args.correction_ridge)
 
 
-def stat_options(args):
-    """stat_prune's keyword arguments from the STAT flags."""
-    return {"method": args.method, "allocation": args.allocation, "calibration": args.calibration,
-            "sketch_rows": args.sketch, "score_fraction": args.score_fraction, "correction": correction_of(args),
-            "neuron_errors": args.neuron_errors}
+def describe_correction(settings):
+    """The correction knobs of a run ({flag: value}, or the flags), in words: e.g.
+    'correction dense + residual, bias existing, ridge heldout, neuron errors output'."""
+    get = settings.get if isinstance(settings, dict) else lambda key: getattr(settings, key)
+    target = get("correction") + (" + residual" if get("residual_correction") else "")
+    return (f"correction {target}, bias {get('bias_compensation')}, ridge {get('correction_ridge')}, "
+            f"neuron errors {get('neuron_errors')}")
 
 
-def describe_correction(args):
-    """E.g. 'correction dense + residual, bias existing, ridge heldout, neuron errors output'."""
-    target = args.correction + (" + residual" if args.residual_correction else "")
-    return (f"correction {target}, bias {args.bias_compensation}, ridge {args.correction_ridge}, "
-            f"neuron errors {args.neuron_errors}")
+def add_sampler_argument(p):
+    """How an encoder's calibration examples are drawn (prune_bert.py)."""
+    p.add_argument("--sampler", choices=SAMPLERS,
+                   help="[protocol] how the calibration examples are drawn: distinct (improved): different "
+                        "examples; with_replacement (paper): np.random.choice, as Kwon et al. and the authors")
 
 
-def stat_record(args):
-    """The STAT flags a run's record keeps (besides method and allocation)."""
-    return {"calibration": args.calibration, "score_fraction": args.score_fraction, "correction": args.correction,
-            "residual_correction": args.residual_correction, "bias_compensation": args.bias_compensation,
-            "correction_ridge": args.correction_ridge, "neuron_errors": args.neuron_errors}
+# what kwon ignores: it draws its own labelled sample (--num_samples) as Kwon et al. do
+STAT_ONLY_FLAGS = ("allocation", "calibration", "score_fraction", "sketch", "sample_batch_size") + CORRECTION_FLAGS
+
+
+def add_kwon_arguments(p):
+    """prune_bert.py's flag for --method kwon."""
+    p.add_argument("--num_samples", type=positive_int, default=2048,
+                   help="--method kwon: labelled training examples (SQuAD: features) drawn with replacement, "
+                        "as Kwon et al. draw them, in mini-batches of 32 (SQuAD: 12)")
+
+
+def check_method_arguments(p, args, encoder=True):
+    """One-line errors (exit 2) for flags that the chosen method would silently ignore, and
+    for kwon on a decoder."""
+    if not encoder:
+        if args.method == "kwon":
+            p.error("--method kwon prunes encoders (prune_bert.py): its importance is the gradient of a task "
+                    "loss on labelled examples")
+        return
+    if args.method == "kwon":
+        given = [f"--{flag}" for flag in STAT_ONLY_FLAGS if getattr(args, flag) != p.get_default(flag)]
+        if given:
+            p.error(f"{', '.join(given)} apply to --method stat and magnitude, not kwon (kwon's sample: --num_samples)")
+    elif args.num_samples != p.get_default("num_samples"):
+        p.error("--num_samples applies to --method kwon (stat and magnitude: --sample_batch_size)")
 
 
 def add_mu_argument(p):
@@ -111,13 +184,20 @@ def add_mu_argument(p):
 def decoder_parser(description):
     """The flags every decoder script takes: model, data, windows, device, output."""
     p = parser(description)
+    add_protocol_argument(p)
     p.add_argument("--model_name", required=True,
-                   help="models/<model_name>, a paper name (opt-125M, opt-1.3B, ...) or a cached hub id")
+                   help="models/<model_name>, a paper name (opt-125M, opt-1.3B, ...) or a hub id (facebook/opt-125m)")
     p.add_argument("--seed", type=seed_value, default=0, help="seed of the calibration windows")
-    p.add_argument("--model_dir", help="checkpoint folder (default: models/<model_name>)")
+    p.add_argument("--model_dir", help="checkpoint folder or hub id (default: models/<model_name>)")
     p.add_argument("--data_dir", help="folder with local corpus files (wiki.*.raw, ptb.*.txt, C4 shards, "
                                       "train.txt/test.txt)")
-    p.add_argument("--task", default="wikitext2", help=f"calibration corpus: {', '.join(lm.LM_TASKS)}")
+    corpora = ", ".join(lm.LM_TASKS + tuple(lm.PAPER_NAMES))
+    p.add_argument("--task", help="shorthand: calibrate on this corpus and score on it (and, for a standard corpus, "
+                                  "on the other standard sets available), as before --calib_task existed")
+    p.add_argument("--calib_task", help=f"[protocol] calibration corpus (default c4, as the authors and GPTQ): "
+                                        f"{corpora}")
+    p.add_argument("--eval_tasks", nargs="+", metavar="TASK",
+                   help="[protocol] perplexity on these sets (default wikitext2 ptb c4, those available)")
     p.add_argument("--nsamples", type=positive_int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=positive_int, default=2048,
                    help="window length (capped at the model's context)")
@@ -126,9 +206,37 @@ def decoder_parser(description):
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="weights' dtype (auto: float16 on CUDA, float32 on the CPU)")
     p.add_argument("--batch_size", type=positive_int, default=4, help="windows per forward pass")
+    p.add_argument("--low_memory", action="store_true",
+                   help="keep each layer's weights in the checkpoint's safetensors files until its turn, and write "
+                        "changed layers to disk as they are done: host memory holds about one layer, the "
+                        "calibration activations and the embeddings, not the model (for models larger than memory)")
     p.add_argument("--output_dir", type=output_dir, default="output",
                    help="results go to <output_dir>/opt/<model_name>.txt|.jsonl")
+    add_lm_eval_arguments(p)
     return p
+
+
+def add_lm_eval_arguments(p):
+    """Zero-shot scores from lm-evaluation-harness (every decoder script)."""
+    p.add_argument("--lm_eval_tasks", nargs="+", metavar="TASK",
+                   help="lm-eval tasks to score the dense and the compressed model on, zero-shot "
+                        "(e.g. piqa arc_easy arc_challenge hellaswag winogrande)")
+    p.add_argument("--lm_eval_limit", type=positive_int, metavar="N",
+                   help="score the first N examples of each task only (default all)")
+    p.add_argument("--lm_eval_batch_size", type=positive_int, default=8, help="lm-eval's batch size")
+    p.add_argument("--lm_eval_include_path", type=existing_dir, metavar="DIR",
+                   help="a folder of your own lm-eval task YAML files, besides lm-eval's own")
+
+
+LM_EVAL_FLAGS = ("lm_eval_limit", "lm_eval_batch_size", "lm_eval_include_path")
+
+
+def check_lm_eval_arguments(p, args):
+    """A one-line error (exit 2) for lm-eval flags given without --lm_eval_tasks."""
+    if not args.lm_eval_tasks:
+        given = [f"--{flag}" for flag in LM_EVAL_FLAGS if getattr(args, flag) != p.get_default(flag)]
+        if given:
+            p.error(f"{', '.join(given)} need --lm_eval_tasks")
 
 
 def groupsize_value(text):
@@ -155,10 +263,15 @@ def percdamp_value(text):
 
 def add_quantize_arguments(p, wbits_required):
     """The quantization flags (quantize_opt.py; opt_eval.py for the dense-then-quantized baseline)."""
-    p.add_argument("--wbits", type=int, choices=WBITS, required=wbits_required, help="bits per weight")
-    p.add_argument("--groupsize", type=groupsize_value, default=-1,
-                   help="columns that share a scale and zero point (-1: one group per row)")
-    p.add_argument("--sym", action="store_true", help="symmetric grid (zero point in the middle)")
+    p.add_argument("--wbits", type=int, choices=WBITS,
+                   help="bits per weight" + (" (required unless --protocol paper: 4)" if wbits_required
+                                             else " (default: no quantization; --protocol paper: 4)"))
+    p.add_argument("--groupsize", type=groupsize_value,
+                   help="[protocol] columns that share a scale and zero point (-1: one group per row; "
+                        "improved -1, paper 1024)")
+    p.add_argument("--sym", action=argparse.BooleanOptionalAction,
+                   help="[protocol] symmetric grid, zero point in the middle (paper: opt_eval.py yes, "
+                        "quantize_opt.py no; improved: no)")
     p.add_argument("--act_order", action="store_true",
                    help="quantize the columns in order of decreasing Hessian diagonal (GPTQ only)")
     p.add_argument("--nearest", action="store_true", help="round to nearest (RTN baseline) instead of GPTQ")
@@ -166,11 +279,20 @@ def add_quantize_arguments(p, wbits_required):
                    help="Hessian dampening, as a fraction of its mean diagonal")
     p.add_argument("--save_model", type=output_dir, metavar="DIR",
                    help="write the quantized model (packed low-bit weights) here")
+    p.add_argument("--gptq_reference", action=argparse.BooleanOptionalAction,
+                   help="[protocol] GPTQ as the reference implementation runs it (quantize/gptq.py: its "
+                        "symmetric grid, its grids fitted before dead inputs are zeroed and on stale group "
+                        "weights); improved no, paper yes")
+    p.add_argument("--true_sequential", action=argparse.BooleanOptionalAction,
+                   help="[protocol] quantize a layer's linears group by group (Q/K/V, output, FFN in, FFN out), "
+                        "each calibrated on the layer with the earlier groups quantized (no in both protocols)")
 
 
-def check_quantize_arguments(p, args):
+def check_quantize_arguments(p, args, wbits_required=False):
     """One-line errors (exit 2) for flag combinations that would be silently ignored."""
-    if args.wbits is None:
+    if args.wbits is None and protocol.default(protocol.QUANTIZE, "wbits", args.protocol) is None:
+        if wbits_required:
+            p.error("--wbits is required (or --protocol paper, which quantizes to 4 bits)")
         given = [f"--{flag}" for flag in QUANTIZE_FLAGS if getattr(args, flag) != p.get_default(flag)]
         if given:
             p.error(f"{', '.join(given)} need --wbits")

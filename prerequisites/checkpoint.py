@@ -62,16 +62,42 @@ def record_shapes(model, config):
     config.stat_layout = adapter.layout(model)
 
 
-def save_pruned(model, path, tokenizer=None):
-    """Write a pruned model so that it reloads with its per-layer shapes."""
+def mark_pruned(model):
+    """Put into the model's config what a pruned checkpoint's config.json records: the shapes,
+    the stock architecture, and the `auto_map` entry that points to modeling_stat.py."""
     record_shapes(model, model.config)
-    stat_class, auto_name = stat_class_of(stock_class_of(model))
+    stock = stock_class_of(model)
+    stat_class, auto_name = stat_class_of(stock)
+    model.config.architectures = [stock.__name__]
     model.config.auto_map = {auto_name: f"modeling_stat.{stat_class.__name__}"}
-    os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path)
+
+
+def finish_checkpoint(path, tokenizer=None):
+    """What a pruned checkpoint holds besides its config and weights: modeling_stat.py, the tokenizer."""
     shutil.copyfile(modeling_stat.__file__, os.path.join(path, MODELING_FILE))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+
+
+def save_pruned(model, path, tokenizer=None):
+    """Write a pruned model so that it reloads with its per-layer shapes."""
+    mark_pruned(model)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    finish_checkpoint(path, tokenizer)
+
+
+def tied_duplicates(state):
+    """Keys whose tensor is the same memory as an earlier key's (tied weights, e.g. the LM head)."""
+    seen, duplicates = set(), set()
+    for key, tensor in state.items():
+        if tensor.numel() == 0 or tensor.device.type == "meta":  # these all share address 0 without being tied
+            continue
+        identity = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+        if identity in seen:
+            duplicates.add(key)
+        seen.add(identity)
+    return duplicates
 
 
 def model_class(config):
@@ -145,6 +171,25 @@ def own_memory(model):
     for tensor in list(model.parameters()) + list(model.buffers()):
         tensor.data = tensor.data.clone()
     return model
+
+
+# The files whose contents are a checkpoint's weights and shapes (not its tokenizer or docs).
+IDENTITY_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")
+IDENTITY_SKIP = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                 "added_tokens.json", "generation_config.json")
+
+
+def checkpoint_identity(path):
+    """What identifies a checkpoint folder's weights without reading them: [name, size, mtime in
+    ns] of its weight files and config (files reached through a link, as in a hub cache, are
+    described by their target). Any rewrite of the weights changes it."""
+    entries = []
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if name.endswith(IDENTITY_SUFFIXES) and name not in IDENTITY_SKIP and os.path.isfile(full):
+            stat = os.stat(full)
+            entries.append([name, stat.st_size, stat.st_mtime_ns])
+    return entries
 
 
 def load_tokenizer(path):

@@ -6,6 +6,10 @@ whose outputs replace the inputs in place and become the next layer's inputs), a
 (`restore`). Only one layer and the batches' hidden states are on the device at a time, which
 is what lets a model larger than the device prune, quantize and evaluate on it.
 
+`each_layer` runs that loop for its callers. With a LayerStore (prerequisites/streaming.py,
+--low_memory) the layers are empty between their turns: each is read from disk for its turn
+and, when the caller changes it, written back, so host memory holds one layer, not the model.
+
 Model-agnostic: it asks an adapter (prerequisites/adapters/) for the layers, the modules that
 run before the first layer, and the extra forward arguments; it knows no module names.
 """
@@ -14,6 +18,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 
 @dataclass
@@ -62,6 +67,23 @@ def capture_inputs(model, adapter, batches, device):
         handle.remove()
         restore(moved)
     return LayerInputs(hidden, extras, masks)
+
+
+def each_layer(model, adapter, device, store=None, changes=False, desc=None, progress=True, leave=True):
+    """Yield (index, layer) for every layer from the bottom, each alone on `device` while it is
+    yielded (with a progress bar). With `store`, the layer's weights are fetched from disk for
+    its turn and emptied after it, written back first when `changes` (the caller prunes or
+    quantizes them)."""
+    for index, layer in enumerate(tqdm(adapter.layers(model), desc=desc, disable=not progress, leave=leave)):
+        if store is not None:
+            store.fetch(index)
+        moved = move_to([layer], device)
+        yield index, layer
+        if store is None:
+            restore(moved)
+        else:  # straight from the device to the file: no copy back to the CPU first
+            store.release(index, changed=changes)
+            release_memory()
 
 
 def run_layer(layer, inputs):

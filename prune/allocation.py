@@ -5,10 +5,9 @@ attention unit (a head, or with grouped-query attention a KV group) and of one F
 plain numbers (efficiency/macs.py computes them), and returns (attention units per layer,
 neurons per layer) whose MACs do not exceed μ × the dense MACs.
 
-- `faithful`: the rule of the authors' published code, read as a method. Scores are weighted
-  to protect early layers; for each candidate total head count the budget fixes the neuron
-  count, the kept heads and neurons are the globally best-scoring ones, and the chosen head
-  count is the one whose head cut-off error is closest to twice the mean neuron ID error.
+- `faithful`: the allocation rule of the authors' released code, literally (DESIGN.md §3), in
+  its two variants: `prune_bert.py`'s ("bert": encoders) and `prune_opt.py`'s ("opt":
+  decoders). Golden tests transcribe both from the scripts (tests/test_allocation.py).
 - `uniform`: every layer keeps the same share μ of its heads; neurons take the rest of the
   budget, spread evenly.
 - `greedy`: a knapsack by estimated output error removed per MAC, over both kinds of unit.
@@ -62,10 +61,14 @@ def dense_macs(scores, attn_cost, neuron_cost):
 def depth_weights(scores, scheme):
     """Multipliers (for attention units, for neurons) per layer that protect early layers.
 
-    'sqrt' (BERT in the authors' code): sqrt(L − ℓ + 1) + 1 for layer ℓ = 1..L.
-    'expfit' (OPT in the authors' code): divide each layer's scores by an exponential fit of
-    their size over depth, since the residual stream, and every error measured in it, grows
-    roughly geometrically with depth in a decoder.
+    'sqrt' (BERT in the authors' code): sqrt(L − ℓ + 1) + 1 for layer ℓ = 0..L−1
+    (√13+1 … √2+1 on BERT-base).
+    'sqrt_remaining' (the improved protocol's encoders, measured with `greedy`): sqrt(L − ℓ) + 1,
+    the square root of the layers from this one to the last, plus one (√12+1 … 2 on BERT-base).
+    'expfit' (decoders, improved): divide each layer's scores by an exponential fit of their size
+    over depth, since the residual stream, and every error measured in it, grows roughly
+    geometrically with depth in a decoder (heads: the error of keeping none; neurons: the mean
+    pivot. The authors' decoder rule fits the first pivot instead: see `faithful`).
     'none': no weighting.
     """
     L = len(scores)
@@ -73,13 +76,21 @@ def depth_weights(scores, scheme):
         ones = np.ones(L)
         return ones, ones
     if scheme == "sqrt":
-        w = np.sqrt(L - np.arange(1, L + 1) + 1) + 1
+        w = authors_depth_weights(L)
+        return w, w
+    if scheme == "sqrt_remaining":
+        w = np.sqrt(L - np.arange(L)) + 1
         return w, w
     if scheme == "expfit":
         attn_size = np.array([s.attn_errors[0] for s in scores])
         neuron_size = np.array([s.neuron_pivots.mean() if s.n_neurons else 0.0 for s in scores])
         return 1.0 / _exp_fit(attn_size), 1.0 / _exp_fit(neuron_size)
     raise ValueError(f"unknown depth weighting {scheme!r}")
+
+
+def authors_depth_weights(L):
+    """prune_bert.py's layer weights: sqrt(L − ℓ + 1) + 1 for ℓ = 0..L−1."""
+    return np.sqrt(L - np.arange(L) + 1.0) + 1
 
 
 def _exp_fit(values):
@@ -96,39 +107,115 @@ def _exp_fit(values):
 # Allocators
 
 
-def _owners_by_value(values, owners):
-    """The owning layer of each unit, best value first (values of one layer are
-    non-increasing, so the top units of each layer are a prefix of its order)."""
-    return owners[np.argsort(-values, kind="stable")]
+FAITHFUL_VARIANTS = ("bert", "opt")
+OPT_HEAD_FACTOR = 1.125  # prune_opt.py: the error of keeping i of H heads is multiplied by 1.125^(H − i)
 
 
-def faithful(scores, attn_cost, neuron_cost, mu, weighting="sqrt"):
+def faithful(scores, attn_cost, neuron_cost, mu, weighting=None, variant="bert", neuron_share=None):
+    """The allocation rule of the authors' code, literally (DESIGN.md §3).
+
+    variant 'bert' (prune_bert.py; encoders) or 'opt' (prune_opt.py; decoders). `weighting` is
+    not used: each variant fixes its own. neuron_share: the share w_n of a layer's MACs that its
+    neurons take, as the authors fix it by hand (0.6622759267443489 for every BERT task,
+    4/7 for OPT); None: the exact share of these costs.
+
+    Scores (L layers of H_max attention units and N_max neurons): a layer's neuron scores are
+    its pivots |diag R|, its head scores the errors of keeping i = 0..H−1 heads.
+    - bert: both multiplied by w_ℓ = sqrt(L − ℓ + 1) + 1;
+      opt: each divided by an exponential fit over depth of the layer's *first* score, and
+      head error i multiplied by 1.125^(H_max − i).
+    - For every head count H = ⌊μ·H_max⌋ .. H_max (per layer, on average), the budget fixes
+      N(H) = int((μ − (1 − w_n)·H/H_max) / w_n · N_max) neurons per layer; the neurons kept
+      are those whose weighted score exceeds the (N·L + 1)-th largest (one global threshold).
+    - The head cut-off of H: bert, the (H·L)-th largest weighted head error (a layer keeps its
+      errors >= it); opt, the (H·L + 1)-th (a layer keeps its errors > it). H = H_max: 0.
+    - H* = argmin |cutoff(H) − 2·mean_ℓ ‖R22_ℓ‖_F| where ‖R22_ℓ‖_F is the *unweighted* error
+      of layer ℓ's scaled neuron ID at the neuron count N(H) gives it.
+    - Neurons: the threshold again at the mean of those counts (floored), as the scripts do.
+    Three departures, where the scripts would break the budget or crash: head counts whose
+    heads alone exceed μ (μ < (1 − w_n)·H/H_max) are not candidates (the scripts score them with
+    no neurons and, when one is chosen, keep its heads above μ); H* = 0 keeps no head (prune_bert.py would index
+    the smallest error, e[−1], and keep every head; only μ < 1/H_max reaches it); a threshold
+    rank past the last neuron keeps them all (the scripts raise IndexError, e.g. at μ = 1).
+    With neuron_share None the neuron count is floor((μ·D − H·c_a) / c_n) per layer (D, c_a,
+    c_n: a layer's dense MACs and the unit costs), the same formula in MACs, which is exact
+    at μ = 1 where the float shares may round below.
+    """
+    if variant not in FAITHFUL_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: choose from {', '.join(FAITHFUL_VARIANTS)}")
     L = len(scores)
-    w_attn, w_neuron = depth_weights(scores, weighting)
-    # value of the i-th unit of a layer: the (weighted) error left when it is dropped too
-    attn_values = np.concatenate([w_attn[l] * s.attn_errors[:-1] for l, s in enumerate(scores)])
-    attn_owner = np.concatenate([np.full(s.n_attn_units, l) for l, s in enumerate(scores)])
-    neuron_values = np.concatenate([w_neuron[l] * s.neuron_pivots for l, s in enumerate(scores)])
-    neuron_owner = np.concatenate([np.full(s.n_neurons, l) for l, s in enumerate(scores)])
-    sorted_attn_values = np.sort(attn_values)[::-1]
-    attn_by_value = _owners_by_value(attn_values, attn_owner)
-    neurons_by_value = _owners_by_value(neuron_values, neuron_owner)
+    H_max = max(s.n_attn_units for s in scores)
+    N_max = max(s.n_neurons for s in scores)
+    neuron_scores = [np.asarray(s.neuron_pivots, dtype=float) for s in scores]
+    head_scores = [np.asarray(s.attn_errors[:-1], dtype=float) for s in scores]  # keeping i = 0..H−1
+    if variant == "bert":
+        w = authors_depth_weights(L)
+        neuron_scores = [w[l] * x for l, x in enumerate(neuron_scores)]
+        head_scores = [w[l] * x for l, x in enumerate(head_scores)]
+    else:
+        neuron_fit = _authors_exp_fit([x[0] if len(x) else 0.0 for x in neuron_scores])
+        head_fit = _authors_exp_fit([x[0] if len(x) else 0.0 for x in head_scores])
+        neuron_scores = [x / neuron_fit[l] for l, x in enumerate(neuron_scores)]
+        head_scores = [x / head_fit[l] * OPT_HEAD_FACTOR ** (H_max - np.arange(len(x)))
+                       for l, x in enumerate(head_scores)]
+    all_neurons = np.sort(np.concatenate(neuron_scores))[::-1]
+    all_heads = np.sort(np.concatenate(head_scores))[::-1]
 
-    budget = mu * dense_macs(scores, attn_cost, neuron_cost)
-    best = None
-    for total_units in range(len(attn_values) + 1):
-        left = budget - total_units * attn_cost
-        if left < 0:
-            break
-        total_neurons = min(int(np.floor(left / neuron_cost + 1e-9)), len(neuron_values))
-        units = np.bincount(attn_by_value[:total_units], minlength=L)
-        neurons = np.bincount(neurons_by_value[:total_neurons], minlength=L)
-        attn_cutoff = sorted_attn_values[total_units] if total_units < len(attn_values) else 0.0
-        neuron_residual = np.mean([w_neuron[l] * s.neuron_errors[neurons[l]] for l, s in enumerate(scores)])
-        gap = abs(attn_cutoff - 2.0 * neuron_residual)
-        if best is None or gap < best[0]:
-            best = (gap, units, neurons)
-    return best[1].tolist(), best[2].tolist()
+    def neurons_per_layer(H):
+        """N(H), the rule's neuron count per layer for H heads per layer; −1 when H heads alone
+        exceed the budget (the scripts' int() would round a small negative count up to 0)."""
+        if neuron_share is not None:
+            count = (mu - (1 - neuron_share) * (H / H_max)) / neuron_share * N_max
+            return int(count) if count >= 0 else -1
+        layer_macs = H_max * attn_cost + N_max * neuron_cost
+        return int(np.floor((mu * layer_macs - H * attn_cost) / neuron_cost + 1e-9))
+
+    def neuron_counts(N):
+        """Per layer, the neurons whose weighted score beats the global threshold at rank N·L."""
+        if N * L >= len(all_neurons):
+            return np.array([len(x) for x in neuron_scores])
+        cutoff = all_neurons[N * L]
+        return np.array([int(np.sum(x > cutoff)) for x in neuron_scores])
+
+    def head_cutoff(H):
+        if H >= H_max:
+            return 0.0
+        rank = H * L - 1 if variant == "bert" else H * L
+        return all_heads[min(rank, len(all_heads) - 1)]
+
+    candidates, gaps = [], []
+    for H in range(int(mu * H_max), H_max + 1):
+        N = neurons_per_layer(H)
+        if N < 0:
+            continue
+        kept = neuron_counts(N)
+        residual = np.mean([s.neuron_errors[k] for s, k in zip(scores, kept)])
+        candidates.append(H)
+        gaps.append(abs(head_cutoff(H) - 2 * residual))
+    best = candidates[int(np.argmin(gaps))]
+
+    neurons = neuron_counts(int(np.mean(neuron_counts(neurons_per_layer(best)))))
+    if best >= H_max:
+        heads = np.array([len(x) for x in head_scores])
+    elif best == 0:
+        heads = np.zeros(L, dtype=int)
+    elif variant == "bert":
+        heads = np.array([int(np.sum(x >= head_cutoff(best))) for x in head_scores])
+    else:
+        heads = np.array([int(np.sum(x > head_cutoff(best))) for x in head_scores])
+    return [int(h) for h in heads], [int(n) for n in neurons]
+
+
+def _authors_exp_fit(first_scores):
+    """prune_opt.py's depth fit: exp(a·x + b) with (a, b) fitted by np.polyfit to the log of
+    each layer's first score, x = 1..L (layers with no positive score left out of the fit)."""
+    values = np.asarray(first_scores, dtype=float)
+    x = np.arange(1, len(values) + 1)
+    ok = values > 0
+    if ok.sum() < 2:
+        return np.ones(len(values))
+    a, b = np.polyfit(x[ok], np.log(values[ok]), deg=1)
+    return np.e ** (x * a + b)
 
 
 def uniform(scores, attn_cost, neuron_cost, mu, weighting=None):
@@ -141,7 +228,7 @@ def uniform(scores, attn_cost, neuron_cost, mu, weighting=None):
     return units, neurons
 
 
-def greedy(scores, attn_cost, neuron_cost, mu, weighting="sqrt"):
+def greedy(scores, attn_cost, neuron_cost, mu, weighting="sqrt_remaining"):
     """Knapsack by squared output error removed per MAC, over attention units and neurons together.
 
     Each layer's units (and neurons) must be kept as a prefix of their order, and the error

@@ -23,18 +23,27 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from prerequisites.layerwise import capture_inputs, move_to, restore
+from prerequisites.layerwise import capture_inputs, each_layer
 from prune.allocation import ALLOCATORS, LayerScores
 from prune.interpolative import expand_groups
 from prune.units import SELF, Correction, MagnitudePruner, UnitPruner
 
-METHODS = ("stat", "magnitude")
-# sequential: both IDs of a layer measured on the pruned layers below it (DESIGN.md §4);
-# dense_ffn: only the attention IDs re-measured, the FFN IDs from the dense model;
-# one_shot: every ID from the dense model.
-CALIBRATIONS = ("sequential", "dense_ffn", "one_shot")
+# every pruning method, the one list the flags offer: stat and magnitude run through
+# stat_prune below; kwon (Kwon et al. 2022) needs labelled batches and runs through
+# prune/kwon.py's kwon_prune
+METHODS = ("stat", "magnitude", "kwon")
+# Where each layer's IDs (the choice of units and the correction) are measured:
+# sequential: both IDs of a layer on the pruned layers below it (DESIGN.md §4);
+# dense_ffn: only the attention IDs re-measured so, the FFN IDs from the dense model;
+# one_shot: every ID from the dense model (the authors' OPT order: all IDs on the dense model,
+#   then FFNs and heads pruned; with every ID fixed beforehand, the order of pruning is moot);
+# ffn_then_attn: the authors' BERT order: the FFN IDs from the dense model and every FFN pruned,
+#   then the attention IDs measured on that FFN-pruned model (all its heads still there) and
+#   every head pruned.
+CALIBRATIONS = ("sequential", "dense_ffn", "one_shot", "ffn_then_attn")
+# the calibrations whose pass 2 can carry the dense model's inputs (Correction(target='dense'))
+DENSE_TARGET_CALIBRATIONS = ("sequential", "dense_ffn")
 # how pass 1 prices dropping neurons for the knapsack allocators: the error of the scaled ID
 # ('id'), or the error it makes in the output of the FFN ('output', like the heads')
 NEURON_ERRORS = ("id", "output")
@@ -51,18 +60,19 @@ class PruneResult:
     ridges: list = field(default_factory=list)  # per layer, the ridges chosen for (attention, FFN), or None
 
 
-def attn_pruner(adapter, layer, sketch_rows=None, correction=SELF):
+def attn_pruner(adapter, layer, sketch_rows=None, sketch_seed=0, correction=SELF):
     """The UnitPruner of a layer's attention units (None when it has none left)."""
     if not adapter.n_attn_units(layer):
         return None
     return UnitPruner.attention(adapter.get(layer, adapter.attn_consumer), adapter.attn_unit_dims(), sketch_rows,
-                                correction)
+                                sketch_seed, correction)
 
 
-def neuron_pruner(adapter, layer, sketch_rows=None, correction=SELF):
+def neuron_pruner(adapter, layer, sketch_rows=None, sketch_seed=0, correction=SELF):
+    """The UnitPruner of a layer's FFN neurons (None when it has none left)."""
     if not adapter.n_neurons(layer):
         return None
-    return UnitPruner.neurons(adapter.get(layer, adapter.ffn_consumer), sketch_rows, correction)
+    return UnitPruner.neurons(adapter.get(layer, adapter.ffn_consumer), sketch_rows, sketch_seed, correction)
 
 
 def layer_scores(attn, neurons, neuron_errors="id"):
@@ -75,12 +85,12 @@ def layer_scores(attn, neurons, neuron_errors="id"):
     return LayerScores(attn_errors, neurons.pivots(), neurons.errors(), output_errors)
 
 
-def dense_correction(correction, keep_pruners):
+def dense_correction(correction, prunes):
     """The correction of pass 1's pruners: on the dense model the inputs are the dense ones, so
-    the target is their own output; the ridge matters only when they prune (one_shot,
-    dense_ffn), the constant column always (it changes the IDs)."""
+    the target is their own output; the ridge matters only when they prune (`prunes`: one_shot,
+    dense_ffn, ffn_then_attn), the constant column always (it changes the IDs)."""
     return Correction(bias=correction.bias, add_bias=correction.add_bias,
-                      ridge=correction.ridge if keep_pruners else None)
+                      ridge=correction.ridge if prunes else None)
 
 
 def held_out(b, correction):
@@ -89,16 +99,17 @@ def held_out(b, correction):
 
 
 @torch.no_grad()
-def measure_dense(model, adapter, inputs, device, keep_pruners=False, sketch_rows=None, progress=True,
-                  correction=SELF, neuron_errors="id", select_on="pruned"):
-    """Pass 1: every layer's pruners fed on the dense model, and the scores they give (and,
-    when asked, the solved pruners themselves, to prune from the dense model's IDs)."""
+def measure_dense(model, adapter, inputs, device, keep=(), sketch_rows=None, sketch_seed=0, ffn=True,
+                  progress=True, desc="pass 1: dense Grams", store=None, correction=SELF, neuron_errors="id"):
+    """Pass 1: every layer's pruners fed on the model as it is (dense, but for ffn_then_attn),
+    and the scores they give; and the solved pruners of the blocks named in `keep` ("attn",
+    "ffn"; the others None), to prune from these IDs. ffn=False: the attention's only.
+    correction: the run's; its target here is always the block's own output (dense_correction)."""
     scores, pruners = [], []
-    correction = dense_correction(correction, keep_pruners)
-    for layer in tqdm(adapter.layers(model), desc="pass 1: dense Grams", disable=not progress):
-        moved = move_to([layer], device)
-        attn = attn_pruner(adapter, layer, sketch_rows, correction)
-        neurons = neuron_pruner(adapter, layer, sketch_rows, correction)
+    correction = dense_correction(correction, bool(keep))
+    for _, layer in each_layer(model, adapter, device, store, desc=desc, progress=progress):
+        attn = attn_pruner(adapter, layer, sketch_rows, sketch_seed, correction)
+        neurons = neuron_pruner(adapter, layer, sketch_rows, sketch_seed, correction) if ffn else None
         for b, (x, extras, mask) in enumerate(zip(inputs.hidden, inputs.extras, inputs.masks)):
             context = adapter.attention_context(layer, x, extras)
             if attn:
@@ -112,9 +123,9 @@ def measure_dense(model, adapter, inputs, device, keep_pruners=False, sketch_row
             if pruner:
                 pruner.solve()
         scores.append(layer_scores(attn, neurons, neuron_errors))
-        if keep_pruners:  # off the device: only the layer being worked on may be there
-            pruners.append(tuple(p and p.to("cpu") for p in (attn, neurons)))
-        restore(moved)
+        if keep:  # off the device: only the layer being worked on may be there
+            pruners.append(tuple(p.to("cpu") if p and kind in keep else None
+                                 for kind, p in (("attn", attn), ("ffn", neurons))))
     return scores, pruners
 
 
@@ -150,16 +161,18 @@ def neuron_weight_norms(adapter, layer):
 
 @torch.no_grad()
 def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_ffn_pruners=None, sketch_rows=None,
-                     progress=True, correction=SELF, dense_orders=None):
+                     sketch_seed=0, progress=True, store=None, correction=SELF, dense_orders=None):
     """Pass 2: prune from the bottom, each layer's IDs measured on the pruned layers below.
+    Returns, per layer, the ridges chosen for (attention, FFN) (None where none was chosen).
 
     With `dense_ffn_pruners` (per layer, the solved FFN pruner of pass 1), the FFN IDs come
     from the dense model instead (only the attention is re-measured), which saves the
     costliest Gram products.
 
     With Correction(target='dense'), a copy of the layer inputs goes through each layer before
-    it is pruned: the dense model's activations, fed to the pruners beside the pruned ones.
-    A block that keeps every unit is refitted too once the layers below have changed.
+    it is pruned (while it is on the device, with `store` too): the dense model's activations,
+    fed to the pruners beside the pruned ones. A block that keeps every unit is refitted too
+    once the layers below have changed.
     With `dense_orders` (per layer, the units' orders of pass 1), the kept units are those the
     dense model's IDs choose; only the corrections are fitted here.
 
@@ -171,9 +184,8 @@ def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_
     dense_hidden = [x.clone() for x in inputs.hidden] if dense else None
     drifted = False  # whether the pruned model's activations differ from the dense model's yet
     ridges = []
-    for l, layer in enumerate(tqdm(adapter.layers(model), desc="pass 2: prune", disable=not progress)):
-        moved = move_to([layer], device)
-        pruner = attn_pruner(adapter, layer, sketch_rows, correction)
+    for l, layer in each_layer(model, adapter, device, store, changes=True, desc="pass 2: prune", progress=progress):
+        pruner = attn_pruner(adapter, layer, sketch_rows, sketch_seed, correction)
         if pruner and not (attn_units[l] < pruner.n or (drifted and dense)):
             pruner = None  # keeps every unit, and nothing to refit
         contexts = []
@@ -205,7 +217,7 @@ def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_
             inputs.hidden[b] = None
 
         fed = dense_ffn_pruners is None  # else the FFN's IDs come from pass 1
-        pruner = neuron_pruner(adapter, layer, sketch_rows, correction) if fed else dense_ffn_pruners[l]
+        pruner = neuron_pruner(adapter, layer, sketch_rows, sketch_seed, correction) if fed else dense_ffn_pruners[l]
         if pruner and not (neurons[l] < pruner.n or (drifted and dense and fed)):
             pruner = None
         for b, (h, mask) in enumerate(zip(hs, inputs.masks)):
@@ -215,7 +227,8 @@ def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_
                 hidden_dense = adapter.ffn_hidden(layer, h_dense)
                 dense_hidden[b] = adapter.after_ffn(layer, hidden_dense, h_dense)
             if pruner and fed:
-                pruner.add_batch(adapter.ffn_hidden(layer, h), mask, **_dense_inputs(correction, hidden_dense, h_dense, h),
+                pruner.add_batch(adapter.ffn_hidden(layer, h), mask,
+                                 **_dense_inputs(correction, hidden_dense, h_dense, h),
                                  held_out=held_out(b, correction))
         if pruner:
             if fed:
@@ -229,7 +242,6 @@ def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_
             inputs.hidden[b] = adapter.after_ffn(layer, adapter.ffn_hidden(layer, h), h)
             hs[b] = None
         del contexts, hs  # one list under two names
-        restore(moved)
     return ridges
 
 
@@ -240,10 +252,12 @@ def _dense_inputs(correction, A_dense, x_dense, x):
 
 
 @torch.no_grad()
-def prune_from_pruners(model, adapter, attn_units, neurons, pruners):
-    """Prune every layer at once from decisions taken beforehand (dense IDs, or weight norms)."""
-    for l, layer in enumerate(adapter.layers(model)):
-        attn, ffn = pruners[l]
+def prune_from_pruners(model, adapter, attn_units, neurons, pruners_of, store=None):
+    """Prune every layer from decisions taken beforehand (dense IDs, or weight norms):
+    `pruners_of(index, layer)` gives a layer's (attention, FFN) pruners; a block whose pruner
+    is None is left as it is."""
+    for l, layer in each_layer(model, adapter, "cpu", store, changes=True, progress=False):
+        attn, ffn = pruners_of(l, layer)
         if attn is not None:
             adapter.prune_attn_units(layer, *attn.prune(attn_units[l]))
         if ffn is not None:
@@ -259,60 +273,87 @@ def spread_subset(items, fraction):
 
 
 def stat_prune(model, adapter, batches, costs, mu, device, method="stat", allocation=None,
-               calibration="sequential", weighting=None, sketch_rows=None, score_fraction=0.25, progress=True,
-               correction=SELF, neuron_errors="id", select_on="pruned"):
+               calibration="sequential", weighting=None, sketch_rows=None, sketch_seed=0, score_fraction=0.25,
+               neuron_share=None, progress=True, store=None, correction=SELF, neuron_errors="id",
+               select_on="pruned"):
     """Prune `model` in place to at most μ of its attention and FFN MACs. Returns a PruneResult.
 
     costs: (MACs of one attention unit, MACs of one neuron), numbers (efficiency/macs.py).
     allocation: a name in ALLOCATORS; None: the adapter's default for its family (the one
-    place that default is resolved; PruneResult.allocation says which was used).
+    place that default is resolved; PruneResult.allocation says which was used). `faithful`
+    is the authors' rule in its decoder variant for a decoder, its BERT variant otherwise,
+    with `neuron_share` the fixed share of a layer's MACs its neurons take (None: the exact
+    share of `costs`).
     score_fraction: the share of the calibration batches (evenly spread) that pass 1 scores
     the dense model on. The allocation is a coarse decision: a quarter of the data measured
     as well as all of it (README), at a quarter of the cost; the IDs of pass 2 always use
-    every batch. (one_shot and dense_ffn prune with IDs from pass 1, so there pass 1 uses
-    every batch.)
-    correction: how each consumer is refitted (prune/units.py); the blocks that prune with
-    pass 1's IDs see the dense model's inputs, where the 'self' and 'dense' targets agree.
+    every batch. (one_shot, dense_ffn and ffn_then_attn prune with IDs from pass 1, so there
+    pass 1 uses every batch; so does select_on='dense'.)
+    sketch_rows, sketch_seed: CountSketch every batch to this many rows (None: exact Grams),
+    with random buckets and signs drawn from this seed.
+    store: a LayerStore when the layers live on disk between their turns (--low_memory).
+    correction: how each consumer is refitted (prune/units.py Correction); the blocks that
+    prune with pass 1's IDs see the dense model's inputs, where the 'self' and 'dense' targets
+    agree (the dense target needs a calibration in DENSE_TARGET_CALIBRATIONS).
     neuron_errors: how pass 1 prices neurons for the knapsack allocators (NEURON_ERRORS).
     select_on: 'pruned' (pass 2's IDs choose the units, on the activations of the pruned layers
-    below) or 'dense' (pass 1's IDs on the dense model choose them; pass 2 fits the corrections).
+    below) or 'dense' (pass 1's IDs on the dense model choose them; pass 2 fits the
+    corrections; sequential calibration only).
     `magnitude` never corrects.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+    if method not in METHODS or method == "kwon":
+        raise ValueError(f"stat_prune runs stat or magnitude, not {method!r} (kwon: prune.kwon.kwon_prune)")
     if calibration not in CALIBRATIONS:
         raise ValueError(f"unknown calibration {calibration!r}: choose from {', '.join(CALIBRATIONS)}")
     allocation = allocation or adapter.default_allocation
     if allocation not in ALLOCATORS:
         raise ValueError(f"unknown allocation {allocation!r}: choose from {', '.join(ALLOCATORS)}")
-    if select_on not in ("pruned", "dense"):
-        raise ValueError(f"unknown select_on {select_on!r}: choose pruned or dense")
+    if correction.target == "dense" and calibration not in DENSE_TARGET_CALIBRATIONS:
+        raise ValueError(f"the dense correction target needs calibration {' or '.join(DENSE_TARGET_CALIBRATIONS)}")
+    if select_on not in ("pruned", "dense") or (select_on == "dense" and calibration != "sequential"):
+        raise ValueError(f"select_on must be 'pruned', or 'dense' with sequential calibration, not {select_on!r}")
     if neuron_errors not in NEURON_ERRORS:
         raise ValueError(f"unknown neuron errors {neuron_errors!r}: choose from {', '.join(NEURON_ERRORS)}")
     start = time.perf_counter()
     model.eval()
     batches = list(batches)
-    keep_pruners = method == "stat" and (calibration != "sequential" or select_on == "dense")
-    inputs = capture_inputs(model, adapter, batches if keep_pruners else spread_subset(batches, score_fraction), device)
-    scores, pruners = measure_dense(model, adapter, inputs, device, keep_pruners=keep_pruners,
-                                    sketch_rows=sketch_rows, progress=progress, correction=correction,
-                                    neuron_errors=neuron_errors)
+    sketch = dict(sketch_rows=sketch_rows, sketch_seed=sketch_seed)
+    keep = {"sequential": (), "dense_ffn": ("ffn",), "one_shot": ("attn", "ffn"),
+            "ffn_then_attn": ("ffn",)}[calibration] if method == "stat" else ()
+    if method == "stat" and select_on == "dense":
+        keep = ("attn", "ffn")
+    inputs = capture_inputs(model, adapter, batches if keep else spread_subset(batches, score_fraction), device)
+    scores, pruners = measure_dense(model, adapter, inputs, device, keep=keep, progress=progress, store=store,
+                                    correction=correction, neuron_errors=neuron_errors, **sketch)
     del inputs
     attn_cost, neuron_cost = costs
+    options = {}
+    if allocation == "faithful":
+        options = {"variant": "opt" if adapter.is_decoder else "bert", "neuron_share": neuron_share}
     attn_units, neurons = ALLOCATORS[allocation](scores, attn_cost, neuron_cost, mu,
-                                                 weighting or adapter.depth_weighting)
+                                                 weighting or adapter.depth_weighting, **options)
     ridges = []
     if method == "magnitude":
-        prune_from_pruners(model, adapter, attn_units, neurons,
-                           [magnitude_pruners(adapter, layer) for layer in adapter.layers(model)])
+        prune_from_pruners(model, adapter, attn_units, neurons, lambda l, layer: magnitude_pruners(adapter, layer),
+                           store)
     elif calibration == "one_shot":
-        prune_from_pruners(model, adapter, attn_units, neurons, pruners)
+        prune_from_pruners(model, adapter, attn_units, neurons, lambda l, layer: pruners[l], store)
+    elif calibration == "ffn_then_attn":
+        prune_from_pruners(model, adapter, attn_units, neurons, lambda l, layer: pruners[l], store)  # the FFNs only
+        del pruners
+        inputs = capture_inputs(model, adapter, batches, device)
+        _, pruners = measure_dense(model, adapter, inputs, device, keep=("attn",), ffn=False, progress=progress,
+                                   desc="attention Grams on the FFN-pruned model", store=store,
+                                   correction=correction, **sketch)
+        del inputs
+        prune_from_pruners(model, adapter, attn_units, neurons, lambda l, layer: pruners[l], store)  # the attention
     else:
         inputs = capture_inputs(model, adapter, batches, device)
         dense_ffn_pruners = [ffn for _, ffn in pruners] if calibration == "dense_ffn" else None
         dense_orders = [tuple(p and p.order for p in pair) for pair in pruners] if select_on == "dense" else None
         del pruners
         ridges = prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_ffn_pruners,
-                                  sketch_rows, progress, correction, dense_orders)
+                                  progress=progress, store=store, correction=correction, dense_orders=dense_orders,
+                                  **sketch)
     return PruneResult(attn_units=list(attn_units), neurons=list(neurons), scores=scores, allocation=allocation,
                        seconds=time.perf_counter() - start, ridges=ridges)

@@ -103,7 +103,8 @@ class UnitPruner:
     select on A·diag(‖W[:, j]‖) (neurons) rather than on whole units of A (attention units).
     """
 
-    def __init__(self, W, unit_dims=1, scale_by_weight=False, sketch_rows=None, b=None, correction=SELF):
+    def __init__(self, W, unit_dims=1, scale_by_weight=False, sketch_rows=None, sketch_seed=0, b=None,
+                 correction=SELF):
         self.W = W.detach().double()
         self.b = None if b is None else b.detach().double()
         self.unit_dims = unit_dims
@@ -113,20 +114,22 @@ class UnitPruner:
         self.constant = correction.bias and (b is not None or correction.add_bias)
         dims = W.shape[1]
         extra = dims * (correction.target == "dense") + W.shape[0] * correction.residual
-        # A′ with a column of ones last when there is a constant; [A, x − x′] beside it
-        self.grams = [Gram(dims + self.constant, W.device, sketch_rows, extra=extra) for _ in range(2)]
+        # A′ with a column of ones last when there is a constant; [A, x − x′] beside it; a second
+        # Gram for the held-out batches only when they choose the ridge
+        self.grams = [Gram(dims + self.constant, W.device, sketch_rows, sketch_seed + part, extra=extra)
+                      for part in range(1 + (correction.ridge == "heldout"))]
         self.order = self.factor = self.dim_scale = self.fit = self.heldout = None
         self.chosen_ridge = None
 
     @classmethod
-    def neurons(cls, linear, sketch_rows=None, correction=SELF):
-        return cls(linear.weight, 1, scale_by_weight=True, sketch_rows=sketch_rows, b=linear.bias,
-                   correction=correction)
+    def neurons(cls, linear, sketch_rows=None, sketch_seed=0, correction=SELF):
+        return cls(linear.weight, 1, scale_by_weight=True, sketch_rows=sketch_rows, sketch_seed=sketch_seed,
+                   b=linear.bias, correction=correction)
 
     @classmethod
-    def attention(cls, linear, unit_dims, sketch_rows=None, correction=SELF):
-        return cls(linear.weight, unit_dims, scale_by_weight=False, sketch_rows=sketch_rows, b=linear.bias,
-                   correction=correction)
+    def attention(cls, linear, unit_dims, sketch_rows=None, sketch_seed=0, correction=SELF):
+        return cls(linear.weight, unit_dims, scale_by_weight=False, sketch_rows=sketch_rows, sketch_seed=sketch_seed,
+                   b=linear.bias, correction=correction)
 
     def add_batch(self, A, mask=None, A_dense=None, residual=None, held_out=False):
         """A: (..., n·unit_dims) inputs of the consumer; mask: (...) bool, True for real tokens;
@@ -139,13 +142,16 @@ class UnitPruner:
         if self.constant:
             A = torch.cat([A, A.new_ones(*A.shape[:-1], 1)], dim=-1)
         others = [t for t in (A_dense, residual) if t is not None]
+        if held_out and len(self.grams) == 1:
+            raise ValueError("held-out batches judge the ridge only with Correction(ridge='heldout')")
         self.grams[bool(held_out)].add_batch(A, mask, torch.cat(others, dim=-1) if others else None)
 
     def solve(self, order=None):
         """Order the units once, and keep what the refits need (the Grams are freed).
 
         order: the units' order decided elsewhere (the dense model's ID), else the ID's own."""
-        fit, held_out = (gram.products if gram.rows else None for gram in self.grams)
+        fit = self.grams[0].products
+        held_out = self.grams[1].products if len(self.grams) > 1 and self.grams[1].rows else None
         self.grams = None
         if held_out is not None and self.correction.ridge == "heldout":
             self.heldout = (self._statistics(fit), self._statistics(held_out))

@@ -8,6 +8,21 @@ rounded, weighted by the inverse Hessian of the layer's squared output error.
 Arithmetic is float32 for float16/bfloat16/float32 layers (float64 layers stay float64, which lets
 tests compare against exact references). The dequantized weight is written back into the layer in
 its own dtype.
+
+`reference=True` (`--gptq_reference`) does what the reference implementation (IST-DASLab/gptq,
+which the authors' scripts copy) does where this one chose otherwise, so that both give the same
+weights on the same inputs (tests/test_gptq.py transcribes the reference step by step):
+- the symmetric grid: a row with no negative weight keeps xmin = 0 (only rows with a negative
+  weight get xmin = −xmax), so its grid, zero point in the middle, clips its top half; here
+  every row gets the symmetric range [−max|w|, max|w|];
+- the per-row grid (groupsize −1) is fitted on the weight before the columns of dead inputs are
+  zeroed; here after;
+- a group's grid is fitted on the weight as the reference reads it: a group that starts inside a
+  block of columns sees those columns without the updates from earlier columns of the same block;
+  here with every update so far applied, so that groups do not depend on the block size;
+- the Hessian's running mean counts sequences (the leading dimension of a 3-D input), not rows;
+  this only rescales H (and its dampening with it), which changes nothing but rounding;
+- an all-zero row gets the range [−1, 1]; here any row whose step would be zero.
 """
 import math
 from dataclasses import dataclass
@@ -46,10 +61,11 @@ class Quantizer:
     `encode` / `decode` / `quantize` then apply it to any tensor with the same number of rows.
     """
 
-    def __init__(self, bits: int, sym: bool = False):
+    def __init__(self, bits: int, sym: bool = False, reference: bool = False):
         check_bits(bits)
         self.bits = bits
         self.sym = sym
+        self.reference = reference  # the reference implementation's grid (module docstring)
         self.maxq = 2**bits - 1
         self.scale = None  # (rows, 1)
         self.zero = None  # (rows, 1), integer-valued
@@ -60,9 +76,9 @@ class Quantizer:
         xmax = w.max(dim=1).values.clamp(min=0)
         if self.sym:
             xmax = torch.maximum(-xmin, xmax)
-            xmin = -xmax
+            xmin = torch.where(xmin < 0, -xmax, xmin) if self.reference else -xmax
         # An all-zero row (or one whose step underflows) would get scale 0 and divide by it.
-        flat = (xmax - xmin) / self.maxq == 0
+        flat = (xmin == 0) & (xmax == 0) if self.reference else (xmax - xmin) / self.maxq == 0
         xmin = xmin.masked_fill(flat, -1)
         xmax = xmax.masked_fill(flat, 1)
         scale = (xmax - xmin) / self.maxq
@@ -104,10 +120,13 @@ class QuantResult:
 
 
 class GPTQ:
-    """GPTQ for one nn.Linear: feed its inputs with add_batch, then call quantize once."""
+    """GPTQ for one nn.Linear: feed its inputs with add_batch, then call quantize once.
 
-    def __init__(self, layer: nn.Linear):
+    reference: behave as the reference implementation does (module docstring)."""
+
+    def __init__(self, layer: nn.Linear, reference: bool = False):
         self.layer = layer
+        self.reference = reference
         self.rows, self.columns = layer.weight.shape
         self.dtype = _compute_dtype(layer.weight.dtype)
         self.H = torch.zeros(self.columns, self.columns, dtype=self.dtype, device=layer.weight.device)
@@ -123,6 +142,8 @@ class GPTQ:
         n = x.shape[0]
         if n == 0:
             return
+        if self.reference:  # the reference counts sequences: the leading dim of (batch, seq, features)
+            n = inp.shape[0] if inp.dim() == 3 else 1
         # A running mean over rows keeps H = 2 X X^T / n without holding X or growing with n.
         self.H *= self.nsamples / (self.nsamples + n)
         self.nsamples += n
@@ -151,6 +172,9 @@ class GPTQ:
         device = self.H.device
         W = self.layer.weight.detach().to(self.dtype).clone()
         H = self.H.clone()
+        quantizer = Quantizer(wbits, sym, self.reference)
+        if self.reference and groupsize == -1:
+            quantizer.find_params(W)  # the reference fits the row grid before dead columns are zeroed
 
         # An input that is always zero says nothing about the output: its weights can be dropped
         # for free, and a unit diagonal keeps H invertible.
@@ -172,13 +196,13 @@ class GPTQ:
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
         del H
 
-        quantizer = Quantizer(wbits, sym)
         codes = torch.zeros(W.shape, dtype=torch.uint8, device=device)
         Q = torch.zeros_like(W)
         error = torch.zeros((), dtype=self.dtype, device=device)
         scales, zeros = [], []
         if groupsize == -1:
-            quantizer.find_params(W)
+            if not self.reference:
+                quantizer.find_params(W)
             scales.append(quantizer.scale)
             zeros.append(quantizer.zero)
 
@@ -190,7 +214,8 @@ class GPTQ:
             for i in range(i2 - i1):
                 col = i1 + i
                 if groupsize != -1 and col % groupsize == 0:
-                    group = _current_weights(W, W1, Err1, Hinv, i1, i2, col, min(col + groupsize, columns))
+                    end = min(col + groupsize, columns)
+                    group = W[:, col:end] if self.reference else _current_weights(W, W1, Err1, Hinv, i1, i2, col, end)
                     quantizer.find_params(group)
                     scales.append(quantizer.scale)
                     zeros.append(quantizer.zero)
@@ -242,13 +267,15 @@ def _current_weights(W, W1, Err1, Hinv, i1, i2, start, end):
     return torch.cat([inside, outside], dim=1)
 
 
-def rtn_quantize(layer: nn.Linear, wbits: int, groupsize: int = -1, sym: bool = False) -> QuantResult:
-    """Round every weight to the nearest point of its row's (or group's) min-max grid."""
+def rtn_quantize(layer: nn.Linear, wbits: int, groupsize: int = -1, sym: bool = False,
+                 reference: bool = False) -> QuantResult:
+    """Round every weight to the nearest point of its row's (or group's) min-max grid
+    (reference: the reference implementation's grid, see the module docstring)."""
     check_groupsize(groupsize)
     W = layer.weight.detach().to(_compute_dtype(layer.weight.dtype))
     columns = W.shape[1]
     step = columns if groupsize == -1 else groupsize
-    quantizer = Quantizer(wbits, sym)
+    quantizer = Quantizer(wbits, sym, reference)
     codes, Q, scales, zeros = [], [], [], []
     for start in range(0, columns, step):
         quantizer.find_params(W[:, start : start + step])

@@ -8,16 +8,17 @@ below it really output, and only one layer and the calibration activations are o
 at a time (the memory bound of the pruning pipeline).
 
 Inside a layer all linears see the inputs of the layer as it was before any of them was
-quantized (one pass, as in the published OPT code; not the `--true-sequential` variant).
+quantized (one pass, as in the published OPT code), unless `true_sequential`: then, as the
+reference's `--true-sequential` (its Llama script), the linears are quantized group by group in
+the order they run (Q/K/V, the attention output, the FFN input side, the FFN output), each
+group calibrated on a pass of the layer whose earlier groups are already quantized.
 Only the linears inside the layers are quantized: embeddings, norms and the LM head stay float.
 Round-to-nearest (`nearest=True`) needs no data and skips the calibration passes.
 """
 import dataclasses
 
 import torch
-from tqdm.auto import tqdm
-
-from prerequisites.layerwise import capture_inputs, move_to, restore, run_layer
+from prerequisites.layerwise import capture_inputs, each_layer, run_layer
 from quantize.gptq import GPTQ, rtn_quantize
 from quantize.pack import QuantizedWeight
 
@@ -33,36 +34,43 @@ def quantized_linears(model, adapter):
 
 @torch.no_grad()
 def quantize_model(model, adapter, batches, device, wbits, groupsize=-1, sym=False, act_order=False,
-                   percdamp=0.01, nearest=False, progress=True):
+                   percdamp=0.01, nearest=False, reference=False, true_sequential=False, progress=True, store=None):
     """Quantize the linears of every layer in place (GPTQ, or RTN when `nearest`).
+
+    reference: GPTQ (and RTN's grid) as the reference implementation does it (quantize/gptq.py).
 
     `batches` yields dicts of model inputs (input_ids, attention_mask...); unused when `nearest`.
     Returns {full module name ('model.layers.3.self_attn.q_proj'): QuantizedWeight}; a module's
-    state_dict prefix is its name plus '.'. The model's weights become the dequantized ones.
+    state_dict prefix is its name plus '.'. The model's weights become the dequantized ones
+    (with `store`, a LayerStore: written back to disk layer by layer).
     """
     model.eval()
-    layers = adapter.layers(model)
     names = adapter.layer_names(model)
     inputs = None if nearest else capture_inputs(model, adapter, list(batches), device)
     quantized = {}
-    for layer_name, layer in zip(names, tqdm(layers, desc="quantize", disable=not progress)):
-        moved = move_to([layer], device)
+    for index, layer in each_layer(model, adapter, device, store, changes=True, desc="quantize", progress=progress):
+        layer_name = names[index]
         paths = [path for group in adapter.linear_groups(layer) for path in group]
         if nearest:
-            results = {path: rtn_quantize(adapter.get(layer, path), wbits, groupsize, sym) for path in paths}
+            results = {path: rtn_quantize(adapter.get(layer, path), wbits, groupsize, sym, reference)
+                       for path in paths}
         else:
-            results = _gptq_layer(adapter, layer, paths, inputs, wbits, groupsize, sym, act_order, percdamp)
+            groups = adapter.linear_groups(layer) if true_sequential else [paths]
+            results = {}
+            for group in groups:
+                results.update(_gptq_layer(adapter, layer, group, inputs, wbits, groupsize, sym, act_order, percdamp,
+                                           reference))
             # The next layer is calibrated on the outputs of this one as quantized.
             run_layer(layer, inputs)
         for path, result in results.items():
             quantized[f"{layer_name}.{path}"] = _on_cpu(QuantizedWeight.from_result(result))
-        restore(moved)
     return quantized
 
 
-def _gptq_layer(adapter, layer, paths, inputs, wbits, groupsize, sym, act_order, percdamp):
-    """One pass of the dense layer over all batches to collect every linear's inputs, then GPTQ."""
-    gptq = {path: GPTQ(adapter.get(layer, path)) for path in paths}
+def _gptq_layer(adapter, layer, paths, inputs, wbits, groupsize, sym, act_order, percdamp, reference=False):
+    """One pass of the layer (as it is now) over all batches to collect the inputs of the linears
+    named in `paths`, then GPTQ on each."""
+    gptq = {path: GPTQ(adapter.get(layer, path), reference) for path in paths}
     current = {}  # the padding mask of the batch being run, read by the hooks
 
     def hook_for(path):

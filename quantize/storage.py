@@ -22,38 +22,27 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-from prerequisites.checkpoint import CheckpointFormat, load_config, model_class, record_shapes, stock_class_of
+from prerequisites.checkpoint import CheckpointFormat, load_config, model_class, record_shapes, stock_class_of, \
+    tied_duplicates
 from quantize.pack import QuantizedWeight, quantized_prefixes
 from utils.errors import UserError
 
 WEIGHTS_FILE = "stat_quantized.safetensors"
 
 
-def _duplicates(state):
-    """Keys whose tensor is the same memory as an earlier key's (tied weights, e.g. the LM head)."""
-    seen, duplicates = set(), set()
-    for key, tensor in state.items():
-        if tensor.numel() == 0:  # empty tensors all share address 0 without being tied
-            continue
-        identity = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
-        if identity in seen:
-            duplicates.add(key)
-        seen.add(identity)
-    return duplicates
-
-
-def save_quantized(model, quantized, path, tokenizer=None, settings=None):
+def save_quantized(model, quantized, path, tokenizer=None, settings=None, store=None):
     """Write `model` with the modules named in `quantized` ({name: QuantizedWeight}) packed.
 
     `settings` (e.g. wbits, groupsize, sym, act_order, nearest, percdamp) is recorded in the
-    config as it is. The model's weights must be the dequantized ones (as quantize_model leaves them).
+    config as it is. The model's weights must be the dequantized ones (as quantize_model leaves
+    them; with `store`, a LayerStore, the layers' are read from its files).
     """
-    state = model.state_dict()
+    state = model.state_dict() if store is None else store.state_dict()
     for name in quantized:
         if name + ".weight" not in state:
             raise ValueError(f"{name} is not a module with a weight in this model")
         del state[name + ".weight"]
-    tensors = {key: t.detach().cpu().contiguous() for key, t in state.items() if key not in _duplicates(state)}
+    tensors = {key: t.detach().cpu().contiguous() for key, t in state.items() if key not in tied_duplicates(state)}
     for name, weight in quantized.items():
         tensors.update(weight.to_state(name + "."))
 
@@ -112,7 +101,7 @@ def load_quantized(path, dtype=None, device="cpu", config=None):
     # Built in float32 (the random initial weights are all overwritten below); the float
     # tensors convert exactly into it and are cast back to the saved dtype at the end.
     model = model_class(config)(config).float()
-    allowed_missing = {name + ".weight" for name in modules} | _duplicates(model.state_dict())
+    allowed_missing = {name + ".weight" for name in modules} | tied_duplicates(model.state_dict())
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # a shape that does not match the config

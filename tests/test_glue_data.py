@@ -4,6 +4,7 @@ import random
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -270,6 +271,33 @@ def test_sample_calibration():
     assert len(sample_calibration(examples, 50, seed=3)) == 50
     with pytest.raises(UserError, match="only 50"):
         sample_calibration(examples, 51, seed=0)
+
+
+def authors_draw(size, n, seed):
+    """What the authors' prune_bert.py (and Kwon et al.'s main.py) draw: the global numpy state
+    seeded, then np.random.choice, with replacement."""
+    state = np.random.get_state()
+    try:
+        np.random.seed(seed)
+        return np.random.choice(size, n).tolist()
+    finally:
+        np.random.set_state(state)
+
+
+def test_sample_with_replacement_is_the_authors_draw():
+    examples = [Example(f"sentence {i}", None, i % 2) for i in range(50)]
+    for seed in (0, 1, 7):
+        drawn = sample_calibration(examples, 40, seed=seed, sampler="with_replacement")
+        assert [int(e.text_a.split()[1]) for e in drawn] == authors_draw(50, 40, seed)
+        assert len({e.text_a for e in drawn}) < 40  # 40 draws of 50 with replacement: duplicates
+    assert sample_calibration(examples, 40, 3, "with_replacement") == sample_calibration(examples, 40, 3,
+                                                                                          "with_replacement")
+    assert sample_calibration(examples, 40, 3, "with_replacement") != sample_calibration(examples, 40, 4,
+                                                                                          "with_replacement")
+    assert len(sample_calibration(examples, 120, 0, "with_replacement")) == 120  # more than the set: allowed
+    before = np.random.get_state()[1].copy()
+    sample_calibration(examples, 10, 0, "with_replacement")
+    assert np.array_equal(np.random.get_state()[1], before)  # the global state is left alone
 
 
 # ---------------------------------------------------------------------------------------

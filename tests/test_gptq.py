@@ -313,3 +313,124 @@ def test_state_round_trip_through_safetensors(tmp_path):
         stored = QuantizedWeight.from_state(loaded, prefix)
         assert stored.shape == tuple(weight.shape)
         assert torch.equal(stored.dequantize(torch.float16), weight)
+
+
+# --- --gptq_reference: the reference implementation (IST-DASLab/gptq, gptq.py and quant.py), ---
+# --- transcribed step by step: its quantizer, its Hessian, its blocked loop                    ---
+
+
+def transcribed_grid(x, bits, sym):
+    """The reference quantizer's per-row grid of a weight slice: (scale, zero), each (rows, 1)."""
+    maxq = 2**bits - 1
+    zeros = torch.zeros(x.shape[0])
+    low = torch.minimum(x.min(1)[0], zeros)
+    high = torch.maximum(x.max(1)[0], zeros)
+    if sym:
+        high = torch.maximum(torch.abs(low), high)
+        negative = low < 0
+        if torch.any(negative):
+            low[negative] = -high[negative]  # rows with no negative weight keep low = 0
+    empty = (low == 0) & (high == 0)
+    low[empty] = -1
+    high[empty] = 1
+    scale = (high - low) / maxq
+    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-low / scale)
+    return scale.reshape(-1, 1), zero.reshape(-1, 1)
+
+
+def transcribed_reference(weight, batches, bits, sym, groupsize, act_order, blocksize=128, percdamp=0.01):
+    """The reference GPTQ on one linear's weight (rows, columns), fed 3-D input batches."""
+    columns = weight.shape[1]
+    H = torch.zeros(columns, columns)
+    seen = 0
+    for batch in batches:  # add_batch: a running mean that counts sequences
+        count = batch.shape[0]
+        cols_by_rows = batch.reshape(-1, columns).t()
+        H *= seen / (seen + count)
+        seen += count
+        cols_by_rows = math.sqrt(2 / seen) * cols_by_rows.float()
+        H += cols_by_rows.matmul(cols_by_rows.t())
+    maxq = 2**bits - 1
+    W = weight.clone().float()
+    scale, zero = transcribed_grid(W, bits, sym)  # fitted before the dead columns are zeroed
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    diagonal = torch.arange(columns)
+    H[diagonal, diagonal] += percdamp * torch.mean(torch.diag(H))
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    for start in range(0, columns, blocksize):
+        stop = min(start + blocksize, columns)
+        block, errors, block_inv = W[:, start:stop].clone(), torch.zeros(W.shape[0], stop - start), Hinv[start:stop,
+                                                                                                           start:stop]
+        for i in range(stop - start):
+            if groupsize != -1 and (start + i) % groupsize == 0:
+                scale, zero = transcribed_grid(W[:, start + i:start + i + groupsize], bits, sym)  # W as it stands
+            w, d = block[:, i], block_inv[i, i]
+            q = scale * (torch.clamp(torch.round(w.unsqueeze(1) / scale) + zero, 0, maxq) - zero)
+            Q[:, start + i] = q.flatten()
+            error = (w - q.flatten()) / d
+            block[:, i:] -= error.unsqueeze(1).matmul(block_inv[i, i:].unsqueeze(0))
+            errors[:, i] = error
+        W[:, stop:] -= errors.matmul(Hinv[start:stop, stop:])
+    if act_order:
+        Q = Q[:, torch.argsort(perm)]
+    return Q
+
+
+def reference_case():
+    """A layer of 2+ blocks of columns with what the two implementations treat differently: rows
+    with no negative weight, an all-zero row, a dead input holding a row's largest weight."""
+    layer = make_layer(12, 300, seed=21)
+    with torch.no_grad():
+        layer.weight[0] = layer.weight[0].abs()
+        layer.weight[1] = layer.weight[1].abs() * 0.1
+        layer.weight[2] = 0
+        layer.weight[3, 7] = 25.0
+    x = correlated_inputs(3 * 2 * 20, 300, seed=22).reshape(3, 2, 20, 300)
+    x[..., 7] = 0  # a dead input
+    return layer, list(x)
+
+
+@pytest.mark.parametrize("bits,sym,groupsize,act_order", [
+    (4, True, -1, False), (4, False, -1, False), (3, True, 48, False), (4, False, 48, False),
+    (4, False, 48, True), (4, False, 1024, False),
+])
+def test_gptq_reference_mode_equals_the_reference_algorithm(bits, sym, groupsize, act_order):
+    layer, batches = reference_case()
+    expected = transcribed_reference(layer.weight.detach(), batches, bits, sym, groupsize, act_order)
+    q = GPTQ(layer, reference=True)
+    for batch in batches:
+        q.add_batch(batch)
+    q.quantize(bits, groupsize=groupsize, sym=sym, act_order=act_order)
+    assert torch.equal(layer.weight.detach(), expected)
+
+
+@pytest.mark.parametrize("bits,sym,groupsize", [(4, True, -1), (4, False, -1), (4, False, 48)])
+def test_the_reference_differs_where_the_module_says(bits, sym, groupsize):
+    """Without reference=True the same layer comes out otherwise: the equality above is not
+    trivially true (symmetric rows with no negative weight; a grid fitted before dead columns
+    are zeroed; stale weights for groups starting inside a block)."""
+    layer, batches = reference_case()
+    expected = transcribed_reference(layer.weight.detach(), batches, bits, sym, groupsize, False)
+    q = GPTQ(layer)
+    for batch in batches:
+        q.add_batch(batch)
+    q.quantize(bits, groupsize=groupsize, sym=sym)
+    assert not torch.equal(layer.weight.detach(), expected)
+
+
+def test_reference_symmetric_grid_of_a_row_with_no_negative_weight():
+    """The reference keeps xmin = 0 for such a row: step max/maxq, zero point in the middle, so
+    the grid's top is (maxq - 1)/2 = 7 steps, about half the row's largest weight: clipped."""
+    w = torch.tensor([[0.0, 1.0, 3.0, 7.5], [-2.0, 0.5, 1.0, 1.5]], dtype=torch.float64)
+    reference, ours = Quantizer(4, sym=True, reference=True), Quantizer(4, sym=True)
+    reference.find_params(w)
+    ours.find_params(w)
+    assert reference.scale.flatten().tolist() == [0.5, 4.0 / 15]
+    assert ours.scale.flatten().tolist() == [1.0, 4.0 / 15]
+    assert reference.quantize(w)[0].tolist() == [0.0, 1.0, 3.0, 3.5]  # 7.5 clipped to 7 steps of 0.5

@@ -184,3 +184,66 @@ def test_pruning_a_model_with_empty_blocks_again(family):
     assert heads[0] == 0 and neurons[1] == 0
     assert model_macs(heads, neurons, costs) <= 0.6 * before
     assert torch.isfinite(tiny.logits(model, batches)).all()
+
+
+def test_ffn_then_attn_is_the_authors_bert_order():
+    """calibration ffn_then_attn: the FFNs pruned with the dense model's IDs (as one_shot prunes
+    them), then layer 1's head IDs measured on the model whose FFNs are pruned and heads intact."""
+    dense = tiny.bert(layers=2, heads=4, hidden=32, ffn=48)
+    batches = tiny.random_batches(n_batches=6, batch=8, length=16)
+    adapter = adapter_for(dense)
+    costs = adapter_costs(adapter, 16)
+    models = {}
+    for mode in ("ffn_then_attn", "one_shot"):
+        models[mode] = copy.deepcopy(dense)
+        result = stat_prune(models[mode], adapter, batches, costs, 0.5, "cpu", calibration=mode, progress=False)
+    h_keep = result.attn_units[1]
+    assert 0 < h_keep < 4
+    ours, one_shot = models["ffn_then_attn"].bert.encoder.layer, models["one_shot"].bert.encoder.layer
+    for l in range(2):  # the same FFNs: dense IDs, same allocation
+        assert torch.equal(ours[l].intermediate.dense.weight, one_shot[l].intermediate.dense.weight)
+        assert torch.equal(ours[l].output.dense.weight, one_shot[l].output.dense.weight)
+    # layer 0's heads see the embeddings either way
+    assert torch.equal(ours[0].attention.output.dense.weight, one_shot[0].attention.output.dense.weight)
+
+    ffn_pruned = copy.deepcopy(dense)
+    for l in range(2):
+        ffn_pruned.bert.encoder.layer[l].intermediate = copy.deepcopy(ours[l].intermediate)
+        ffn_pruned.bert.encoder.layer[l].output.dense = copy.deepcopy(ours[l].output.dense)
+    layer1 = ffn_pruned.bert.encoder.layer[1]
+    contexts = []
+    with torch.no_grad():
+        for b in batches:
+            mask4d = (1.0 - b["attention_mask"][:, None, None, :].float()) * torch.finfo(torch.float32).min
+            x = ffn_pruned.bert.embeddings(input_ids=b["input_ids"])
+            x = ffn_pruned.bert.encoder.layer[0](x, attention_mask=mask4d)
+            x = x[0] if isinstance(x, tuple) else x
+            contexts.append(layer1.attention.self(x, attention_mask=mask4d)[0])
+    real = torch.cat([b["attention_mask"].bool().flatten() for b in batches])
+    A = torch.cat([c.reshape(-1, 32) for c in contexts])[real].double().numpy()
+    heads_as_columns = A.reshape(-1, 4, 8).transpose(1, 0, 2).reshape(4, -1).T
+    kept = np.sort(pivoted_qr_order(heads_as_columns)[:h_keep])
+    dims = (kept[:, None] * 8 + np.arange(8)).reshape(-1)
+    rest = np.setdiff1d(np.arange(32), dims)
+    T = np.linalg.lstsq(A[:, dims], A[:, rest], rcond=None)[0]
+    W = layer1.attention.output.dense.weight.detach().double().numpy()
+    expected = W[:, dims] + W[:, rest] @ T.T
+    got = ours[1].attention.output.dense.weight.detach().numpy()
+    assert torch.equal(ours[1].attention.self.query.weight, layer1.attention.self.query.weight[dims])
+    assert np.allclose(got, expected, rtol=1e-3, atol=1e-4)
+    # ...which is not what the dense model's IDs give
+    assert not np.allclose(one_shot[1].attention.output.dense.weight.detach().numpy(), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_the_sketch_follows_its_seed():
+    dense = tiny.bert()
+    batches = tiny.random_batches(n_batches=3, batch=8, length=16)
+    adapter = adapter_for(dense)
+    weights = []
+    for seed in (0, 0, 1):
+        model = copy.deepcopy(dense)
+        stat_prune(model, adapter, batches, adapter_costs(adapter, 16), 0.6, "cpu", calibration="one_shot",
+                   sketch_rows=16, sketch_seed=seed, progress=False)
+        weights.append(model.bert.encoder.layer[0].output.dense.weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])
+    assert weights[0].shape != weights[2].shape or not torch.equal(weights[0], weights[2])

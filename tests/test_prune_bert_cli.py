@@ -173,3 +173,84 @@ def test_real_process_exit_status(tmp_path):
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: checkpoint not found: models/nothing-here/sst2"]
+
+
+# --- protocols, provenance, the dense-score cache ---------------------------------------------
+
+PROVENANCE = ("protocol", "allocation", "calibration", "score_fraction", "mac_split", "sampler", "sketch",
+              "sketch_seed", "batch_size", "dtype", "mac_ratio", "mac_ratio_authors", "dense_cached", "argv",
+              "git_commit", "git_dirty", "versions")
+
+
+def sst2_argv(checkpoints, tmp_path, *extra):
+    data = str(tmp_path / "SST-2")
+    if not os.path.exists(data):
+        write_sst2(data)
+    return ["--model_name", "tiny-bert", "--task_name", "sst2", "--mu", "0.5", "--sample_batch_size", "16",
+            "--model_dir", checkpoints["tiny-bert"], "--data_dir", data, "--output_dir", str(tmp_path / "out"),
+            "--device", "cpu", "--batch_size", "8", *extra]
+
+
+def test_protocol_paper_end_to_end_and_every_knob_in_the_record(checkpoints, tmp_path):
+    record = prune_bert.main(sst2_argv(checkpoints, tmp_path, "--protocol", "paper", "--seed", "2"))
+    saved = json.loads(open(tmp_path / "out" / "tiny-bert" / "sst2.jsonl").read().splitlines()[-1])
+    for key in PROVENANCE:
+        assert key in saved, key
+    assert saved["protocol"] == "paper" and saved["allocation"] == "faithful"
+    assert saved["calibration"] == "ffn_then_attn" and saved["mac_split"] == "authors"
+    assert saved["sampler"] == "with_replacement" and saved["score_fraction"] == 1.0
+    assert saved["sketch"] is None and saved["batch_size"] == 8 and saved["dtype"] == "float32"
+    # the budget holds where the paper counts it: with the authors' fixed split
+    assert 0 < record["mac_ratio_authors"] <= 0.5 + 1e-9 and record["mac_ratio"] > 0
+    assert "protocol paper" in open(tmp_path / "out" / "tiny-bert" / "sst2.txt").read()
+
+    # a flag given wins over the protocol, the others stay the protocol's
+    record = prune_bert.main(sst2_argv(checkpoints, tmp_path, "--protocol", "paper", "--allocation", "greedy",
+                                       "--sketch", "64", "--seed", "5"))
+    assert record["allocation"] == "greedy" and record["calibration"] == "ffn_then_attn"
+    assert record["sketch"] == 64 and record["sketch_seed"] == 5
+    improved = prune_bert.main(sst2_argv(checkpoints, tmp_path))
+    assert (improved["protocol"], improved["allocation"], improved["calibration"], improved["mac_split"],
+            improved["sampler"], improved["score_fraction"]) == ("improved", "greedy", "sequential", "exact",
+                                                                 "distinct", 0.25)
+    assert improved["mac_ratio"] <= 0.5 + 1e-9
+
+
+def test_the_dense_scores_are_cached(checkpoints, tmp_path, capsys):
+    model_dir = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["tiny-bert"], model_dir)
+    argv = sst2_argv(checkpoints, tmp_path, "--model_dir", str(model_dir))
+    first = prune_bert.main(argv)
+    assert not first["dense_cached"]
+    entries = list((tmp_path / "out" / ".dense_cache").glob("*.json"))
+    assert len(entries) == 1
+    second = prune_bert.main(argv)
+    assert second["dense_cached"] and second["metrics"]["dense"] == first["metrics"]["dense"]
+    assert "dense scores from the cache" in capsys.readouterr().out
+
+    # a hit really reads the entry: planted values come back
+    entry = json.loads(entries[0].read_text())
+    entry["value"]["accuracy"] = 0.123
+    entries[0].write_text(json.dumps(entry))
+    assert prune_bert.main(argv)["dense_metric"] == 0.123
+    # --no_cache scores again (and writes the true value back)
+    fresh = prune_bert.main(argv + ["--no_cache"])
+    assert not fresh["dense_cached"] and fresh["dense_metric"] == first["dense_metric"]
+    assert prune_bert.main(argv)["dense_cached"]
+
+    # another checkpoint in the same place (new weights file, new modification time): a miss
+    weights = model_dir / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert not prune_bert.main(argv)["dense_cached"]
+    # another evaluation set: a miss
+    with open(tmp_path / "SST-2" / "dev.tsv", "a") as f:
+        f.write("good film\t1\n")
+    assert not prune_bert.main(argv)["dense_cached"]
+    assert len(list((tmp_path / "out" / ".dense_cache").glob("*.json"))) == 3
+
+
+def test_with_replacement_may_ask_for_more_examples_than_the_training_set(checkpoints, tmp_path):
+    record = prune_bert.main(sst2_argv(checkpoints, tmp_path, "--sampler", "with_replacement",
+                                       "--sample_batch_size", "60"))  # the training set has 48
+    assert record["sample_batch_size"] == 60 and record["sampler"] == "with_replacement"

@@ -1,6 +1,8 @@
 """Decoders end to end: layer-by-layer perplexity, prune_opt.py and opt_eval.py on tiny models."""
+import argparse
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from evaluate.perplexity import perplexity
 from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import load_model
 from utils.cli import run_main
+from utils.errors import UserError
 
 
 @pytest.mark.parametrize("make", [tiny.opt, tiny.llama])
@@ -150,3 +153,74 @@ def test_calibration_text_is_checked_before_the_model_loads(setup, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and len(err.splitlines()) == 1 and expected in err, err
     assert not os.path.exists(tmp_path / "out")
+
+
+# --- protocols, corpora, provenance, the dense-score cache ------------------------------------
+
+def decoder_argv(setup, tmp_path, name="tiny-opt", *extra):
+    return ["--model_name", name, "--model_dir", setup[name], "--data_dir", setup["data"], "--mu", "0.6",
+            "--nsamples", "8", "--seqlen", "64", "--eval_samples", "6", "--output_dir", str(tmp_path / "out"),
+            "--device", "cpu", *extra]
+
+
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama"])
+def test_protocol_paper_end_to_end(setup, tmp_path, name):
+    record = prune_opt.main(decoder_argv(setup, tmp_path, name, "--protocol", "paper", "--task", "text"))
+    line = json.loads(open(tmp_path / "out" / "opt" / f"{name}.jsonl").read().splitlines()[-1])
+    for key in ("protocol", "allocation", "calibration", "score_fraction", "mac_split", "calib_task", "eval_tasks",
+                "sketch", "sketch_seed", "batch_size", "dtype", "mac_ratio", "mac_ratio_authors", "dense_cached",
+                "argv", "git_commit", "git_dirty", "versions"):
+        assert key in line, key
+    assert (line["protocol"], line["allocation"], line["calibration"], line["mac_split"]) == (
+        "paper", "faithful", "one_shot", "authors")
+    assert line["score_fraction"] == 1.0 and line["calib_task"] == "text" and line["eval_tasks"] == ["text"]
+    assert line["task"] == "text" and line["dtype"] == "float32" and line["batch_size"] == 4
+    assert 0 < record["mac_ratio_authors"] <= 0.6 + 1e-9
+
+
+def corpora_args(**given):
+    return argparse.Namespace(**{"task": None, "calib_task": None, "eval_tasks": None, "data_dir": None,
+                                 "protocol": "improved", **given})
+
+
+def test_corpora_and_the_in_domain_warning(setup):
+    resolve = pipelines.decoder.resolve_corpora
+    in_domain = "warning: calibrating and scoring on the same corpus (text): in-domain calibration flatters"
+    corpora, notes = resolve(corpora_args(task="text", data_dir=setup["data"]), calibrates=True)
+    assert corpora == {"calib_task": "text", "eval_tasks": ["text"]}
+    assert len(notes) == 1 and notes[0].startswith(in_domain)
+
+    corpora, notes = resolve(corpora_args(calib_task="austen", eval_tasks=["text"], data_dir=setup["data"]), True)
+    assert corpora == {"calib_task": "austen", "eval_tasks": ["text"]} and notes == []
+    # scoring alone (opt_eval.py without quantization) calibrates nothing: no warning
+    assert resolve(corpora_args(task="text", data_dir=setup["data"]), calibrates=False)[1] == []
+    # --task with --eval_tasks: calibrate on one, score the others
+    corpora, notes = resolve(corpora_args(task="text", eval_tasks=["austen"], data_dir=setup["data"]), True)
+    assert corpora == {"calib_task": "text", "eval_tasks": ["austen"]} and notes == []
+    # the paper's names
+    corpora, _ = resolve(corpora_args(calib_task="c4", eval_tasks=["ptb", "c4", "c4-new"]), calibrates=False)
+    assert corpora == {"calib_task": "c4-new", "eval_tasks": ["ptb-new", "c4-new"]}
+    # the default: c4, and those of wikitext2, ptb, c4 that can be read (none, offline)
+    with pytest.raises(UserError, match="none of the default evaluation sets"):
+        resolve(corpora_args(data_dir=setup["data"]), calibrates=True)
+
+
+def test_the_warning_comes_once_the_inputs_are_checked(setup, tmp_path, capsys):
+    prune_opt.main(decoder_argv(setup, tmp_path, "tiny-opt", "--task", "text", "--mu", "0.8"))
+    assert "warning: calibrating and scoring on the same corpus (text)" in capsys.readouterr().err
+
+
+def test_the_dense_perplexity_is_cached(setup, tmp_path):
+    model_dir = tmp_path / "ckpt"
+    shutil.copytree(setup["tiny-opt"], model_dir)
+    argv = decoder_argv(setup, tmp_path, "tiny-opt", "--task", "text", "--model_dir", str(model_dir))
+    first = prune_opt.main(argv)
+    second = prune_opt.main(argv)
+    assert not first["dense_cached"] and second["dense_cached"] and second["ppl_dense"] == first["ppl_dense"]
+    assert not prune_opt.main(argv + ["--no_cache"])["dense_cached"]
+    assert opt_eval.main(argv[:6] + argv[8:])["dense_cached"]  # opt_eval.py shares it (no --mu)
+    assert not prune_opt.main(argv + ["--eval_samples", "5"])["dense_cached"]  # other windows
+    weights = model_dir / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert not prune_opt.main(argv)["dense_cached"]

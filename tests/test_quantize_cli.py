@@ -224,3 +224,59 @@ def test_opt_eval_quantize_flags_need_wbits(capsys):
         opt_eval.parse_args(["--model_name", "m", "--groupsize", "128", "--save_model", "d"])
     assert exit_info.value.code == 2
     assert "--groupsize, --save_model need --wbits" in capsys.readouterr().err
+
+
+def test_true_sequential_calibrates_each_group_on_the_layer_with_earlier_groups_quantized():
+    """Layer 0 by hand: each group of linears (Q/K/V, output, FFN in, FFN out) gets GPTQ on the
+    inputs the layer gives once the groups before it are quantized."""
+    from quantize.gptq import GPTQ
+
+    model = tiny.llama(layers=2, vocab=1000)
+    batches = tiny.random_batches()
+    by_hand = copy.deepcopy(model)
+    adapter = adapter_for(by_hand)
+    layer = adapter.layers(by_hand)[0]
+    for group in adapter.linear_groups(layer):
+        gptq = {path: GPTQ(adapter.get(layer, path)) for path in group}
+        current = {}
+        hooks = [adapter.get(layer, path).register_forward_hook(
+            lambda module, inputs, output, path=path: gptq[path].add_batch(inputs[0], current["mask"]))
+            for path in group]
+        with torch.no_grad():
+            for batch in batches:
+                current["mask"] = batch["attention_mask"].bool()
+                by_hand(**batch)
+        for hook in hooks:
+            hook.remove()
+        for path in group:
+            gptq[path].quantize(4)
+
+    sequential, one_pass = copy.deepcopy(model), copy.deepcopy(model)
+    quantize_model(sequential, adapter_for(sequential), batches, "cpu", 4, true_sequential=True, progress=False)
+    quantize_model(one_pass, adapter_for(one_pass), batches, "cpu", 4, progress=False)
+    first = [adapter.layers(m)[0] for m in (by_hand, sequential, one_pass)]
+    for group in adapter.linear_groups(layer):
+        for path in group:
+            expected = adapter.get(first[0], path).weight
+            torch.testing.assert_close(adapter.get(first[1], path).weight, expected, rtol=0, atol=1e-6)
+    # the first group sees the same inputs either way; the output projection does not
+    q = adapter.linear_groups(layer)[0][0]
+    assert torch.equal(adapter.get(first[1], q).weight, adapter.get(first[2], q).weight)
+    o = adapter.linear_groups(layer)[1][0]
+    assert not torch.equal(adapter.get(first[1], o).weight, adapter.get(first[2], o).weight)
+
+
+def test_protocol_paper_quantizes_as_the_authors_scripts(setup, tmp_path):
+    out = str(tmp_path)
+    record = quantize_opt.main(cli_args(setup, "opt-uneven", "--mu", "0.8", "--protocol", "paper",
+                                        "--groupsize", "16", "--output_dir", out))
+    assert (record["wbits"], record["groupsize"], record["sym"], record["gptq_reference"],
+            record["true_sequential"], record["act_order"]) == (4, 16, False, True, False, False)
+    assert (record["allocation"], record["calibration"], record["mac_split"]) == ("faithful", "one_shot", "authors")
+    assert "as the reference code" in open(os.path.join(out, "opt", "tiny-opt-uneven.txt")).read()
+    baseline = opt_eval.main(cli_args(setup, "opt", "--protocol", "paper", "--output_dir", out))
+    assert (baseline["wbits"], baseline["groupsize"], baseline["sym"], baseline["gptq_reference"]) == (4, 1024, True,
+                                                                                                        True)
+    assert "ppl_quantized" in baseline
+    plain = opt_eval.main(cli_args(setup, "opt", "--protocol", "paper", "--no-sym", "--output_dir", out))
+    assert plain["sym"] is False and plain["ppl_quantized"] != baseline["ppl_quantized"]

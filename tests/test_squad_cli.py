@@ -237,3 +237,27 @@ def test_missing_squad_file_is_one_line(checkpoints, tmp_path, capsys):
     code, err = run_cli(argv, capsys)
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("error:") and "dev-v1.1.json" in err
+
+
+def test_protocol_paper_draws_among_all_training_features(checkpoints, tokenizer, tmp_path):
+    from evaluate.tasks import make_task
+    from dataset.squad import prepare_train_features
+
+    data = str(tmp_path / "squad")
+    write_squad(data, "1.1")
+    task = make_task("squad", tokenizer, data)
+    drawn = task.calibration_sample(12, 3, "with_replacement")
+    every = prepare_train_features(load_squad("1.1", "train", data), tokenizer)
+    state = np.random.get_state()
+    np.random.seed(3)
+    expected = [every[i]["input_ids"] for i in np.random.choice(len(every), 12)]  # Kwon et al.'s draw
+    np.random.set_state(state)
+    assert sorted(f["input_ids"] for f in drawn) == sorted(expected)
+
+    record = prune_bert.main(["--model_name", "tiny-bert-qa", "--task_name", "squad", "--mu", "0.5", "--seed", "3",
+                              "--sample_batch_size", "12", "--batch_size", "4", "--model_dir",
+                              checkpoints["tiny-bert-qa"], "--data_dir", data, "--output_dir", str(tmp_path / "out"),
+                              "--device", "cpu", "--protocol", "paper"])
+    assert (record["sampler"], record["allocation"], record["calibration"]) == ("with_replacement", "faithful",
+                                                                                "ffn_then_attn")
+    assert record["mac_ratio_authors"] <= 0.5 + 1e-9

@@ -4,6 +4,7 @@ import os
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -220,6 +221,18 @@ def test_calibration_sample():
     assert len(sample_calibration_features(features, 50, seed=0)) == 50
     with pytest.raises(UserError, match="only has 50"):
         sample_calibration_features(features, 51, seed=0)
+
+
+def test_calibration_sample_with_replacement_is_kwons_draw():
+    features = [{"input_ids": [i]} for i in range(50)]
+    drawn = sample_calibration_features(features, 40, seed=5, sampler="with_replacement")
+    state = np.random.get_state()
+    np.random.seed(5)
+    expected = np.random.choice(50, 40).tolist()  # Kwon et al.'s main.py, over all training features
+    np.random.set_state(state)
+    assert [f["input_ids"][0] for f in drawn] == expected
+    assert len({f["input_ids"][0] for f in drawn}) < 40
+    assert drawn == sample_calibration_features(features, 40, seed=5, sampler="with_replacement")
 
 
 def test_collate_pads_right_and_batches_keep_order():

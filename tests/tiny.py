@@ -1,6 +1,7 @@
 """Tiny random-initialised models and inputs shared by the tests."""
 import os
 
+import pytest
 import torch
 from transformers import (BertConfig, BertForQuestionAnswering, BertForSequenceClassification, DistilBertConfig,
                           DistilBertForQuestionAnswering, DistilBertForSequenceClassification, LlamaConfig,
@@ -82,3 +83,14 @@ def logits(model, batches):
 def model_loaded(*args, **kwargs):
     """Stands in for load_model where every check must come before the model loads."""
     raise AssertionError("the model was loaded before the bad input was found")
+
+
+@pytest.fixture
+def one_thread():
+    """For tests that run many forward passes of tiny models, each a few milliseconds long: a
+    second thread only adds synchronisation (on a busy machine, 100x). Use it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")` after `from tiny import one_thread`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,6 +21,28 @@ def parse_command(parser, argv, script):
     return args
 
 
+def is_flag(token):
+    """--mu or -h is a flag; -1 is a value (--groupsize -1)."""
+    return token.startswith("--") or (len(token) > 1 and token[0] == "-" and token[1].isalpha())
+
+
+def flag_pairs(argv):
+    """A command line's flags as (flag, values) pairs in order; `--mu=0.5` is `--mu 0.5`, and a
+    switch has the values None."""
+    pairs, flag, values = [], None, []
+    for token in argv:
+        if is_flag(token):
+            if flag is not None:
+                pairs.append((flag, tuple(values) or None))
+            flag, _, value = token.partition("=") if token.startswith("--") else (token, "", "")
+            values = [value] if value else []
+        elif flag is not None:
+            values.append(token)
+    if flag is not None:
+        pairs.append((flag, tuple(values) or None))
+    return pairs
+
+
 def run_main(main):
     """Call main(); turn a UserError into `error: <message>` and exit status 2."""
     try:
@@ -72,6 +94,26 @@ def positive_int(text):
     return value
 
 
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
 def seed_value(text):
     """argparse type for --seed: numpy's global seed must fit in 32 bits, unsigned."""
     try:
@@ -97,6 +139,13 @@ def output_dir(text):
     return text
 
 
+def existing_dir(text):
+    """argparse type for a folder that must already be there."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"not a folder: {text}")
+    return text
+
+
 def resolve_device(name):
     """'auto' means CUDA when present, else CPU."""
     if name == "auto":
@@ -113,10 +162,3 @@ def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def require_dir(path, what):
-    """A clear error for a checkpoint or data folder that is not there."""
-    if not os.path.isdir(path):
-        raise UserError(f"{what} not found: {path}")
-    return path

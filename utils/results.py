@@ -75,12 +75,14 @@ def read_jsonl(path):
 def provenance(command):
     """How a record was made: the command line, the code (git commit, and whether the tree had
     uncommitted changes) and the versions of the libraries that change results."""
-    commit, dirty = _git_state()
+    commit, dirty = git_state()
     return {"argv": list(command), "git_commit": commit, "git_dirty": dirty, "versions": _versions()}
 
 
 @functools.lru_cache(maxsize=1)
-def _git_state():
+def git_state():
+    """(commit, whether tracked files have uncommitted changes), or (None, None) outside git."""
+
     def git(*args):
         return subprocess.run(["git", "-C", REPO_ROOT, *args], capture_output=True, text=True, timeout=10)
 

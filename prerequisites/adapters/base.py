@@ -46,7 +46,7 @@ def with_input_weight(linear, weight, bias=None):
 
 class Adapter:
     family = None
-    depth_weighting = "sqrt"  # how the allocation protects early layers (see prune/allocation.py)
+    depth_weighting = "sqrt_remaining"  # how `greedy` protects early layers (see prune/allocation.py)
     default_allocation = "greedy"  # measured best for this kind of model (README)
     capture_kwargs = {}  # extra model arguments for a calibration forward pass
     is_decoder = False

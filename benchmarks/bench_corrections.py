@@ -127,7 +127,7 @@ class MiniLM:
         train = self.task.train
         used = set()
         for seed in HELD_OUT_SEEDS:
-            used.update(np.random.default_rng(seed).choice(len(train), size=self.samples, replace=False).tolist())
+            used.update(glue.calibration_indices(len(train), self.samples, seed, "distinct"))
         free = [i for i in range(len(train)) if i not in used]
         picks = [free[int(j * len(free) / size)] for j in range(size)]
         encoded = glue.encode([train[i] for i in picks], self.tokenizer, self.task.spec)

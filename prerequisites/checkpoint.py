@@ -84,7 +84,23 @@ def save_pruned(model, path, tokenizer=None):
     mark_pruned(model)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
+    name_stock_class(path, model)
     finish_checkpoint(path, tokenizer)
+
+
+def name_stock_class(path, model):
+    """save_pretrained names the model's own class in config.json; a model loaded from a pruned
+    checkpoint is the reshapable twin (StatLlamaForCausalLM...), which model_class cannot find
+    in transformers: the checkpoint names the stock class, as mark_pruned set it."""
+    config_file = os.path.join(path, "config.json")
+    with open(config_file, encoding="utf-8") as f:
+        config = json.load(f)
+    stock = stock_class_of(model).__name__
+    if config.get("architectures") != [stock]:
+        config["architectures"] = [stock]
+        with open(config_file, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
 
 
 def tied_duplicates(state):

@@ -1,4 +1,6 @@
 """Adapters: the four-piece layer equals the layer, shapes shrink for real, checkpoints reload."""
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -100,3 +102,22 @@ def test_pruned_decoder_generates_with_a_kv_cache(family):
         uncached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
     assert cached.shape == (2, 14)
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_reloaded_pruned_model_saves_and_reloads_again(family, tmp_path):
+    # a model loaded from a pruned checkpoint is an instance of the reshapable twin class;
+    # its checkpoint must still name the stock class, or it would not load a second time
+    model = shrink(FAMILIES[family](), [2, 1, 2], [30, 9, 5])
+    save_pruned(model, str(tmp_path / "first"))
+    reloaded = load_model(str(tmp_path / "first"))
+    shrink(reloaded, [1, 1, 1], [20, 9, 5])
+    batch = tiny.random_batches(n_batches=1, pad=family in ("bert", "distilbert"))[0]
+    with torch.no_grad():
+        expected = reloaded(**batch).logits
+    save_pruned(reloaded, str(tmp_path / "second"))
+    with open(tmp_path / "second" / "config.json") as f:
+        assert json.load(f)["architectures"] == [type(model).__name__]
+    again = load_model(str(tmp_path / "second"))
+    with torch.no_grad():
+        assert torch.equal(again(**batch).logits, expected)

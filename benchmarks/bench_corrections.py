@@ -98,6 +98,20 @@ def parse_variant(name):
     return options, nsamples
 
 
+def dense_cache(name, key, value=None):
+    """The dense model's scores, kept between runs of this benchmark (they take minutes on a
+    shared CPU): read (value None; None when absent) or write them under `key`."""
+    path = os.path.join(OUT, f"{name}-dense.pt")
+    entries = torch.load(path) if os.path.exists(path) else {}
+    key = json.dumps(key, sort_keys=True)
+    if value is None:
+        return entries.get(key)
+    entries[key] = value
+    os.makedirs(OUT, exist_ok=True)
+    torch.save(entries, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 # ---------------------------------------------------------------------------------------------
 # MiniLM on movie-sentiment
 
@@ -120,7 +134,13 @@ class MiniLM:
         self.calibrations = {}
         self.selection = self._selection_batches()
         self.dense_log_probs = None
-        self.dense_metrics = self.evaluate(self.dense)
+        cached = dense_cache(self.name, {"samples": self.samples})
+        if cached:
+            self.dense_metrics, self.dense_log_probs = cached["metrics"], cached["log_probs"]
+        else:
+            self.dense_metrics = self.evaluate(self.dense)
+            dense_cache(self.name, {"samples": self.samples},
+                        {"metrics": self.dense_metrics, "log_probs": self.dense_log_probs})
         self.forward_seconds = dense_forward_seconds(self.dense, self.calibration(0, None), repeats=3)
 
     def _selection_batches(self, size=3000):
@@ -183,7 +203,12 @@ class SmolLM2:
         }
         self.windows = {name: w for name, w in self.windows.items() if name in args.sets}
         self.calibrations = {}
-        self.dense_metrics = self.evaluate(self.dense)
+        key = {"sets": sorted(self.windows), "seqlen": self.seqlen, "nsamples": self.nsamples,
+               "eval_windows": args.eval_windows}
+        cached = dense_cache(self.name, key)
+        self.dense_metrics = cached["metrics"] if cached else self.evaluate(self.dense)
+        if not cached:
+            dense_cache(self.name, key, {"metrics": self.dense_metrics})
         self.forward_seconds = dense_forward_seconds(self.dense, self.calibration(0, None), repeats=1, use_cache=False)
 
     def _write_text_task(self):

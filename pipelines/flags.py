@@ -151,7 +151,8 @@ def add_sampler_argument(p):
 
 
 # what kwon ignores: it draws its own labelled sample (--num_samples) as Kwon et al. do
-STAT_ONLY_FLAGS = ("allocation", "calibration", "score_fraction", "sketch", "sample_batch_size") + CORRECTION_FLAGS
+STAT_ONLY_FLAGS = ("allocation", "calibration", "score_fraction", "sketch", "sampler",
+                   "sample_batch_size") + CORRECTION_FLAGS
 
 
 def add_kwon_arguments(p):

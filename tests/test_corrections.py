@@ -8,6 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import prune_bert
+import prune_opt
+import quantize_opt
 import tiny
 from efficiency.macs import adapter_costs
 from prerequisites.adapters import adapter_for
@@ -227,3 +230,41 @@ def test_an_added_bias_reloads_with_plain_from_pretrained(tmp_path):
                      AutoModelForCausalLM.from_pretrained(str(tmp_path), trust_remote_code=True).eval()):
         assert reloaded.model.layers[1].mlp.down_proj.bias is not None
         assert torch.equal(tiny.logits(reloaded, batches), expected)
+
+
+@pytest.mark.parametrize("script,argv,expected", [
+    (prune_opt, ["--residual_correction"], "--residual_correction needs --correction dense"),
+    (prune_opt, ["--correction", "dense", "--protocol", "paper"],
+     "--correction dense needs --calibration sequential or dense_ffn, not one_shot (the paper protocol's)"),
+    (quantize_opt, ["--wbits", "4", "--correction", "dense", "--calibration", "one_shot"],
+     "--correction dense needs --calibration sequential or dense_ffn, not one_shot"),
+    (prune_bert, ["--correction", "dense", "--protocol", "paper"],
+     "--correction dense needs --calibration sequential or dense_ffn, not ffn_then_attn (the paper protocol's)"),
+    (prune_opt, ["--method", "magnitude", "--bias_compensation", "existing"],
+     "--bias_compensation apply to --method stat, not magnitude"),
+    (prune_bert, ["--method", "kwon", "--correction_ridge", "heldout"], "--correction_ridge apply to --method stat"),
+    (prune_opt, ["--correction_ridge", "-1"], "correction ridge must be positive"),
+    (prune_opt, ["--correction_ridge", "big"], "correction ridge must be id, heldout or a positive number"),
+])
+def test_correction_flags_that_cannot_work_are_one_line_errors(script, argv, expected, capsys):
+    base = ["--model_name", "m", "--mu", "0.5"] + (["--task_name", "t"] if script is prune_bert else [])
+    with pytest.raises(SystemExit) as info:
+        script.parse_args(base + argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and expected in err, err
+
+
+def test_correction_flags_resolve_from_the_protocol_and_win_over_it():
+    from pipelines import protocol
+    from pipelines.flags import correction_of
+
+    args = prune_opt.parse_args(["--model_name", "m", "--mu", "0.5", "--protocol", "paper", "--calibration",
+                                 "sequential", "--correction", "dense", "--residual_correction",
+                                 "--correction_ridge", "0.1"])
+    knobs = protocol.resolve(args, protocol.DECODER)
+    assert (knobs["correction"], knobs["residual_correction"], knobs["correction_ridge"]) == ("dense", True, 0.1)
+    assert (knobs["bias_compensation"], knobs["neuron_errors"]) == ("off", "id")  # the paper's, not given
+    assert correction_of(args) == Correction(target="dense", residual=True, ridge=0.1)
+    paper = prune_bert.parse_args(["--model_name", "m", "--task_name", "t", "--mu", "0.5", "--protocol", "paper"])
+    protocol.resolve(paper, protocol.ENCODER)
+    assert correction_of(paper) == Correction()  # the authors' correction: the ID's own

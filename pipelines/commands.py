@@ -9,9 +9,11 @@ import os
 from typing import Callable, NamedTuple, Optional
 
 from evaluate.tasks import task_names
+from pipelines import protocol
 from pipelines.flags import (add_kwon_arguments, add_mu_argument, add_protocol_argument, add_quantize_arguments,
                              add_sampler_argument, add_stat_arguments, check_lm_eval_arguments,
-                             check_method_arguments, check_quantize_arguments, decoder_parser, parser)
+                             check_method_arguments, check_quantize_arguments, check_stat_arguments, decoder_parser,
+                             parser)
 from utils.cli import output_dir, parse_command, positive_int, seed_value
 
 
@@ -67,14 +69,21 @@ def decoder_result_stem(args):
     return os.path.join(args.output_dir, "opt", args.model_name)
 
 
+def check_prune_bert(p, args):
+    check_method_arguments(p, args)
+    check_stat_arguments(p, args, protocol.ENCODER)
+
+
 def check_prune_opt(p, args):
     check_method_arguments(p, args, encoder=False)
+    check_stat_arguments(p, args, protocol.DECODER)
     check_lm_eval_arguments(p, args)
 
 
 def check_quantize_opt(p, args):
     check_quantize_arguments(p, args, wbits_required=True)
     check_method_arguments(p, args, encoder=False)
+    check_stat_arguments(p, args, protocol.DECODER)
     check_lm_eval_arguments(p, args)
 
 
@@ -90,7 +99,7 @@ class Command(NamedTuple):
 
 
 COMMANDS = {
-    "prune_bert.py": Command(prune_bert_parser, check_method_arguments, encoder_result_stem),
+    "prune_bert.py": Command(prune_bert_parser, check_prune_bert, encoder_result_stem),
     "prune_opt.py": Command(prune_opt_parser, check_prune_opt, decoder_result_stem),
     "quantize_opt.py": Command(quantize_opt_parser, check_quantize_opt, decoder_result_stem),
     "opt_eval.py": Command(opt_eval_parser, check_opt_eval, decoder_result_stem),

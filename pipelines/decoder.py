@@ -22,7 +22,9 @@ from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import checkpoint_identity, load_config, load_model, load_tokenizer, save_pruned
 from prerequisites.hub import resolve_checkpoint
 from prerequisites.streaming import load_streamed
+from pipelines.flags import correction_of, describe_correction
 from prune.stat import stat_prune
+from prune.units import SELF
 from quantize.sequential import quantize_model
 from quantize.storage import QUANTIZED, is_quantized, save_quantized, weights_size_mb
 from utils.cache import DenseCache, fingerprint
@@ -198,7 +200,8 @@ def prune_and_report(args, knobs, device, model, adapter, windows, calib_batches
                                 method=args.method, allocation=args.allocation, calibration=args.calibration,
                                 sketch_rows=args.sketch, sketch_seed=args.seed, score_fraction=args.score_fraction,
                                 neuron_share=AUTHORS_NEURON_SHARE["decoder"] if args.mac_split == "authors" else None,
-                                store=store).allocation
+                                store=store, correction=correction_of(args) if args.method == "stat" else SELF,
+                                neuron_errors=args.neuron_errors).allocation
     prune_seconds = time.perf_counter() - start
     ppl_pruned = (perplexities(model, adapter, windows, device, args.batch_size, "pruned", store) if args.mu < 1
                   else ppl_dense)
@@ -344,6 +347,10 @@ def finish(args, record, device):
 # The three runs
 
 
+def corrections(args):
+    return f", {describe_correction(args)}" if args.method == "stat" else ""
+
+
 def calibration_note(args, seqlen):
     return f"calibrated on {args.calib_task} ({args.nsamples} x {seqlen} tokens, seed {args.seed})"
 
@@ -370,7 +377,7 @@ def prune(args):
     finish(args, record, device)
     write(args, record, [
         f"prune_opt: protocol {args.protocol}, method {args.method} (allocation {record['allocation']}, "
-        f"calibration {args.calibration}, MAC split {args.mac_split}), mu {args.mu}, "
+        f"calibration {args.calibration}, MAC split {args.mac_split}{corrections(args)}), mu {args.mu}, "
         f"{calibration_note(args, seqlen)}, device {device}{', low memory' if args.low_memory else ''}",
         *pruning_lines(record),
         *zero_shot_lines(record),
@@ -394,7 +401,8 @@ def quantize(args):
             del model, store  # lm-eval loads its own copies, in another process
             record.update(zero_shot_scores(args, device, checkpoints))
     pruning = (f"STAT mu {args.mu} (method {args.method}, allocation {record['allocation']}, "
-               f"calibration {args.calibration}, MAC split {args.mac_split})" if args.mu < 1 else "no pruning (mu 1)")
+               f"calibration {args.calibration}, MAC split {args.mac_split}{corrections(args)})" if args.mu < 1
+               else "no pruning (mu 1)")
     finish(args, record, device)
     write(args, record, [
         f"quantize_opt: protocol {args.protocol}, {pruning}, then {describe_quantizer(args)}; "

@@ -8,11 +8,13 @@ from efficiency.macs import AUTHORS_NEURON_SHARE, count_parameters, mac_ratios, 
 from evaluate.tasks import check_checkpoint, make_task, task_names
 from pipelines import protocol
 from pipelines.commands import encoder_result_stem
+from pipelines.flags import CORRECTION_FLAGS, correction_of, describe_correction
 from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import checkpoint_identity, load_config, load_model, load_tokenizer, save_pruned
 from prerequisites.hub import resolve_checkpoint
 from prune.kwon import kwon_prune
 from prune.stat import stat_prune
+from prune.units import SELF
 from utils.cache import DenseCache
 from utils.cli import resolve_device, set_seed
 from utils.errors import UserError
@@ -23,10 +25,11 @@ def format_block(r, metric_names):
     def pair(name):
         return f"{name}: dense {r['metrics']['dense'][name]:.4f}  pruned {r['metrics']['pruned'][name]:.4f}"
 
+    corrections = f", {describe_correction(r)}" if r.get("correction") else ""  # none for kwon
     lines = [
         f"== {r['model_name']} / {r['task_name']}  {r['time']} ==",
         f"protocol {r['protocol']}: method {r['method']} (allocation {r['allocation']}, calibration "
-        f"{r['calibration']}, MAC split {r['mac_split']}), mu {r['mu']}, seed {r['seed']}, "
+        f"{r['calibration']}, MAC split {r['mac_split']}{corrections}), mu {r['mu']}, seed {r['seed']}, "
         f"{r['sample_batch_size']} calibration examples ({r['sampler'].replace('_', ' ')}), device {r['device']}",
         f"MACs kept: {r['mac_ratio']:.4f} of dense (target {r['mu']}); "
         f"{r['mac_ratio_authors']:.4f} priced with the authors' split",
@@ -72,7 +75,8 @@ def prune(args):
     kwon = args.method == "kwon"
     if kwon:  # Kwon et al.'s own labelled draw, with replacement
         calibration_sample, n_calibration = task.labelled_sample(args.num_samples, args.seed), args.num_samples
-        knobs.update(calibration="mask_tuning", score_fraction=None, sampler="with_replacement")
+        knobs.update(calibration="mask_tuning", score_fraction=None, sampler="with_replacement",
+                     **dict.fromkeys(CORRECTION_FLAGS))
     else:
         calibration_sample = task.calibration_sample(args.sample_batch_size, args.seed, args.sampler)
         n_calibration = args.sample_batch_size
@@ -95,7 +99,9 @@ def prune(args):
         result = stat_prune(model, adapter, calib_batches, prices[args.mac_split], args.mu, device,
                             method=args.method, allocation=args.allocation, calibration=args.calibration,
                             sketch_rows=args.sketch, sketch_seed=args.seed, score_fraction=args.score_fraction,
-                            neuron_share=AUTHORS_NEURON_SHARE["encoder"] if args.mac_split == "authors" else None)
+                            neuron_share=AUTHORS_NEURON_SHARE["encoder"] if args.mac_split == "authors" else None,
+                            correction=correction_of(args) if args.method == "stat" else SELF,
+                            neuron_errors=args.neuron_errors)
 
     print("scoring the pruned model ...")
     pruned = task.evaluate(model, device)

@@ -7,7 +7,8 @@ from dataset.glue import SAMPLERS
 from efficiency.macs import MAC_SPLITS
 from pipelines import protocol
 from prune.allocation import ALLOCATORS
-from prune.stat import CALIBRATIONS, METHODS
+from prune.stat import CALIBRATIONS, DENSE_TARGET_CALIBRATIONS, METHODS, NEURON_ERRORS
+from prune.units import Correction
 from quantize.gptq import check_groupsize
 from utils.cli import ArgumentParser, existing_dir, fraction_value, mu_value, output_dir, positive_int, seed_value
 
@@ -55,10 +56,103 @@ def add_stat_arguments(p):
     p.add_argument("--sketch", type=positive_int, metavar="ROWS",
                    help="CountSketch each batch's activations to this many rows before its Gram product "
                         "(approximate; for very long calibration sets; its draws follow --seed)")
+    add_correction_arguments(p)
+
+
+CORRECTIONS = ("self", "dense")
+BIAS_COMPENSATIONS = ("off", "existing", "add")
+# the flags of the corrections beyond the paper (README, "Corrections beyond the paper"); all
+# of them are protocol knobs
+CORRECTION_FLAGS = ("correction", "residual_correction", "bias_compensation", "correction_ridge", "neuron_errors")
+
+
+def add_correction_arguments(p):
+    """How each pruned block's consumer is refitted, and how neurons are priced (issue 14)."""
+    p.add_argument("--correction", choices=CORRECTIONS,
+                   help="[protocol] what each pruned block's correction reproduces: self (paper, improved): its "
+                        "own output on the inputs the pruned layers below give it, so the error arriving from "
+                        "below is carried, not undone; dense: the dense model's output (the dense model's "
+                        "activations are carried alongside through each layer before it is pruned: a second "
+                        "forward pass; needs --calibration sequential or dense_ffn)")
+    p.add_argument("--residual_correction", action=argparse.BooleanOptionalAction,
+                   help="[protocol] with --correction dense: each corrected output projection also absorbs the gap "
+                        "of the residual stream it writes into, x_dense - x_pruned (paper, improved: no)")
+    p.add_argument("--bias_compensation", choices=BIAS_COMPENSATIONS,
+                   help="[protocol] keep a constant column in every ID and fold the dropped units' mean into the "
+                        "consumer's bias: existing (consumers that have a bias; a layer left with no heads keeps "
+                        "its value biases' constant), add (also give the others one: the checkpoint still loads "
+                        "with from_pretrained(trust_remote_code=True)), off (paper, improved)")
+    p.add_argument("--correction_ridge", type=ridge_value, metavar="id|heldout|X",
+                   help="[protocol] ridge of the corrections, relative to the mean diagonal of the kept "
+                        "activations' Gram, shrinking them towards plain selection: id (paper, improved: the "
+                        "ID's own, 1e-8 of the trace), a positive number, or heldout (chosen per block among "
+                        "1e-6..10 by the error on every 4th calibration batch, fitted on the others)")
+    p.add_argument("--neuron_errors", choices=NEURON_ERRORS,
+                   help="[protocol] how greedy and ffn_greedy price dropping neurons: id (paper, improved: the "
+                        "error of the weight-scaled ID) or output (the error it leaves in the FFN's output, "
+                        "as heads are priced)")
+
+
+def ridge_value(text):
+    if text in ("id", "heldout"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"correction ridge must be id, heldout or a positive number, got {text!r}")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"correction ridge must be positive, got {value}")
+    return value
+
+
+def check_stat_arguments(p, args, table):
+    """One-line errors (exit 2) for correction flags that cannot work together, or that the
+    method would ignore; `table`: the protocol table (pipelines/protocol.py) that will fill the
+    flags left unset."""
+    def value(knob):
+        given = getattr(args, knob)
+        return protocol.default(table, knob, args.protocol) if given is None else given
+
+    if args.method == "magnitude":  # ranks by weight norms and never corrects (the allocation is STAT's)
+        given = [f"--{flag}" for flag in CORRECTION_FLAGS if flag != "neuron_errors" and getattr(args, flag) is not None]
+        if given:
+            p.error(f"{', '.join(given)} apply to --method stat, not magnitude")
+    if args.method != "stat":
+        return
+    if value("residual_correction") and value("correction") != "dense":
+        p.error("--residual_correction needs --correction dense")
+    if value("correction") == "dense" and value("calibration") not in DENSE_TARGET_CALIBRATIONS:
+        origin = "" if args.calibration else f" (the {args.protocol} protocol's)"
+        p.error(f"--correction dense needs --calibration {' or '.join(DENSE_TARGET_CALIBRATIONS)}, "
+                f"not {value('calibration')}{origin}")
+
+
+def correction_of(args):
+    """The prune.units.Correction that the (resolved) flags ask for."""
+    return Correction(target=args.correction, residual=args.residual_correction,
+                      bias=args.bias_compensation != "off", add_bias=args.bias_compensation == "add",
+                      ridge=None if args.correction_ridge == "id" else args.correction_ridge)
+
+
+def describe_correction(settings):
+    """The correction knobs of a run ({flag: value}, or the flags), in words: e.g.
+    'correction dense + residual, bias existing, ridge heldout, neuron errors output'."""
+    get = settings.get if isinstance(settings, dict) else lambda key: getattr(settings, key)
+    target = get("correction") + (" + residual" if get("residual_correction") else "")
+    return (f"correction {target}, bias {get('bias_compensation')}, ridge {get('correction_ridge')}, "
+            f"neuron errors {get('neuron_errors')}")
+
+
+def add_sampler_argument(p):
+    """How an encoder's calibration examples are drawn (prune_bert.py)."""
+    p.add_argument("--sampler", choices=SAMPLERS,
+                   help="[protocol] how the calibration examples are drawn: distinct (improved): different "
+                        "examples; with_replacement (paper): np.random.choice, as Kwon et al. and the authors")
 
 
 # what kwon ignores: it draws its own labelled sample (--num_samples) as Kwon et al. do
-STAT_ONLY_FLAGS = ("allocation", "calibration", "score_fraction", "sketch", "sampler", "sample_batch_size")
+STAT_ONLY_FLAGS = ("allocation", "calibration", "score_fraction", "sketch", "sampler",
+                   "sample_batch_size") + CORRECTION_FLAGS
 
 
 def add_kwon_arguments(p):
@@ -78,40 +172,6 @@ def check_method_arguments(p, args, encoder=True):
         return
     if args.method == "kwon":
         given = [f"--{flag}" for flag in STAT_ONLY_FLAGS if getattr(args, flag) != p.get_default(flag)]
-        if given:
-            p.error(f"{', '.join(given)} apply to --method stat and magnitude, not kwon (kwon's sample: --num_samples)")
-    elif args.num_samples != p.get_default("num_samples"):
-        p.error("--num_samples applies to --method kwon (stat and magnitude: --sample_batch_size)")
-
-
-def add_sampler_argument(p):
-    """How an encoder's calibration examples are drawn (prune_bert.py)."""
-    p.add_argument("--sampler", choices=SAMPLERS,
-                   help="[protocol] how the calibration examples are drawn: distinct (improved): different "
-                        "examples; with_replacement (paper): np.random.choice, as Kwon et al. and the authors")
-
-
-STAT_ONLY_FLAGS = ("allocation", "calibration", "score_fraction", "sketch")
-
-
-def add_kwon_arguments(p):
-    """prune_bert.py's flag for --method kwon."""
-    p.add_argument("--num_samples", type=positive_int, default=2048,
-                   help="--method kwon: labelled training examples (SQuAD: features) drawn with replacement, "
-                        "as Kwon et al. draw them, in mini-batches of 32 (SQuAD: 12)")
-
-
-def check_method_arguments(p, args, encoder=True):
-    """One-line errors (exit 2) for flags that the chosen method would silently ignore, and
-    for kwon on a decoder."""
-    if not encoder:
-        if args.method == "kwon":
-            p.error("--method kwon prunes encoders (prune_bert.py): its importance is the gradient of a task "
-                    "loss on labelled examples")
-        return
-    if args.method == "kwon":
-        given = [f"--{flag}" for flag in STAT_ONLY_FLAGS + ("sample_batch_size",) if getattr(args, flag) !=
-                 p.get_default(flag)]
         if given:
             p.error(f"{', '.join(given)} apply to --method stat and magnitude, not kwon (kwon's sample: --num_samples)")
     elif args.num_samples != p.get_default("num_samples"):

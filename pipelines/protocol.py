@@ -15,6 +15,16 @@ import copy
 
 PROTOCOLS = ("improved", "paper")
 
+# the corrections beyond the paper (README, "Corrections beyond the paper"): paper = the
+# authors' (each block reproduces its own output, no bias, the ID's ridge, ID neuron errors)
+CORRECTIONS = {
+    "correction":     {"improved": "self",         "paper": "self"},
+    "residual_correction": {"improved": False,     "paper": False},
+    "bias_compensation": {"improved": "off",       "paper": "off"},
+    "correction_ridge": {"improved": "id",         "paper": "id"},
+    "neuron_errors":  {"improved": "id",           "paper": "id"},
+}
+
 # prune_bert.py
 ENCODER = {
     # knob               improved                     paper
@@ -23,6 +33,7 @@ ENCODER = {
     "score_fraction": {"improved": 0.25,           "paper": 1.0},
     "mac_split":      {"improved": "exact",        "paper": "authors"},
     "sampler":        {"improved": "distinct",     "paper": "with_replacement"},
+    **CORRECTIONS,
 }
 
 # prune_opt.py and quantize_opt.py (the pruning); opt_eval.py takes the corpora only
@@ -31,6 +42,7 @@ DECODER = {
     "calibration":    {"improved": "sequential",   "paper": "one_shot"},
     "score_fraction": {"improved": 0.25,           "paper": 1.0},
     "mac_split":      {"improved": "exact",        "paper": "authors"},
+    **CORRECTIONS,
 }
 CORPORA = {  # the same in both: the authors' and GPTQ's (`--task X` stands for X and X)
     "calib_task":     {"improved": "c4",           "paper": "c4"},

@@ -7,7 +7,9 @@ it imports only torch and transformers, and it knows no module names. Each Stat*
 stock transformers class, built from the config, then reshaped by the layout that the config
 records (`stat_layout`, written by prerequisites/checkpoint.py):
 
-- `linears`: {module name: [in_features, out_features]} of every linear map inside the layers;
+- `linears`: {module name: [in_features, out_features, has bias]} of every linear map inside
+  the layers (a pruned layer may gain a bias its stock module lacks; older checkpoints record
+  [in_features, out_features], the stock module's bias assumed);
 - `stubs`: {module name: settings of NoHeads} for the attention of a layer that lost all its
   heads;
 - `attributes`: {module name: {attribute: value}} that follow the head count (OPT's
@@ -39,11 +41,12 @@ def new_linear(in_features, out_features, bias, like):
     return layer.to_empty(device=like.weight.device)
 
 
-def resized(linear, in_features=None, out_features=None):
+def resized(linear, in_features=None, out_features=None, bias=None):
     """An uninitialised linear layer of another shape: weights come from a checkpoint."""
     in_features = linear.in_features if in_features is None else in_features
     out_features = linear.out_features if out_features is None else out_features
-    return new_linear(in_features, out_features, linear.bias is not None, linear)
+    bias = linear.bias is not None if bias is None else bias
+    return new_linear(in_features, out_features, bias, linear)
 
 
 class NoHeads(nn.Module):
@@ -86,8 +89,8 @@ def apply_layout(model, layout):
         out_name = settings.get("out_name")
         out_proj = getattr(old, out_name) if out_name else None
         model.set_submodule(name, NoHeads(out_name, out_proj, settings.get("head_dim"), settings.get("layer_idx")))
-    for name, (in_features, out_features) in layout.get("linears", {}).items():
-        model.set_submodule(name, resized(model.get_submodule(name), in_features, out_features))
+    for name, (in_features, out_features, *bias) in layout.get("linears", {}).items():
+        model.set_submodule(name, resized(model.get_submodule(name), in_features, out_features, *bias))
     for name, attributes in layout.get("attributes", {}).items():
         module = model.get_submodule(name)
         for key, value in attributes.items():

@@ -27,11 +27,19 @@ class LayerScores:
     non-increasing.
     neuron_pivots[j]: what the (j+1)-th neuron of the scaled ID adds, non-increasing.
     neuron_errors[k]: error of the scaled ID keeping k neurons (k = 0..N), non-increasing.
+    neuron_output_errors[k]: optionally, the error that ID leaves in the FFN's output
+    (‖E·W_droppedᵀ‖, like attn_errors); the knapsack allocators price neurons by it when given.
     """
 
     attn_errors: np.ndarray
     neuron_pivots: np.ndarray
     neuron_errors: np.ndarray
+    neuron_output_errors: np.ndarray = None
+
+    @property
+    def neuron_costs(self):
+        """What the knapsack prices neurons by: the output-space errors when measured."""
+        return self.neuron_errors if self.neuron_output_errors is None else self.neuron_output_errors
 
     @property
     def n_attn_units(self):
@@ -253,7 +261,7 @@ def _knapsack(scores, attn_cost, neuron_cost, budget, weighting, kinds):
     cost = {"attn": attn_cost, "neuron": neuron_cost}
     items = []  # (gain per MAC, layer, kind, units in the segment)
     for l, s in enumerate(scores):
-        for kind, errors, weight in (("attn", s.attn_errors, w_attn[l]), ("neuron", s.neuron_errors, w_neuron[l])):
+        for kind, errors, weight in (("attn", s.attn_errors, w_attn[l]), ("neuron", s.neuron_costs, w_neuron[l])):
             if kind not in kinds:
                 continue
             removed = (weight * errors[0]) ** 2 - (weight * np.asarray(errors)) ** 2  # cumulative, k = 0..n

@@ -13,6 +13,7 @@ What R gives, for the first k columns of the order kept:
 - the error in the space of a following linear map W (out × n): ‖(residual) W[:, dropped]ᵀ‖_F
   = ‖R[k:, :] W[:, order]ᵀ‖_F, because R[k:, :k] = 0.
 """
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,9 +107,12 @@ def ordered_factor(G, order):
     Gp = G[order][:, order]
     eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
     ridge = ridge_of(G)
-    for _ in range(8):  # a rank-deficient G rounded to float32 may be slightly indefinite
+    for attempt in range(8):  # a rank-deficient G rounded to float32 may be slightly indefinite
         L, info = torch.linalg.cholesky_ex(Gp + ridge * eye)
         if int(info) == 0:
+            if attempt:
+                warnings.warn(f"Gram matrix indefinite after rounding: ridge raised to {ridge:.2e} "
+                              f"({ridge / ridge_of(G):.0e} times the default)", RuntimeWarning, stacklevel=2)
             return Factor(order=order.cpu(), R=L.T.contiguous(), ridge=ridge)
         ridge *= 100
     raise ValueError("Gram matrix is not positive semi-definite (NaN or Inf in activations?)")

@@ -6,9 +6,12 @@
    budget across layers.
 3. Pass 2, from the bottom: for each layer, new UnitPruners are fed the outputs of the
    already pruned layers below it, so that each layer's ID is that of the inputs it will
-   really receive (it reproduces the layer's own output given those inputs; the error that
-   arrives from below is carried, not undone); the attention units are pruned, then (with
-   the pruned attention in place) the neurons.
+   really receive; the attention units are pruned, then (with the pruned attention in place)
+   the neurons. With the default correction each block reproduces its own output given those
+   inputs (the error that arrives from below is carried, not undone); with
+   Correction(target='dense') the dense model's layer inputs are carried alongside, through
+   the same layers before they are pruned, and each block reproduces the dense model's
+   output instead (DESIGN.md §4).
 
 Only one layer and the calibration activations are on the device at a time (the runtime of
 prerequisites/layerwise.py), which is what lets a large model prune on one GPU. Inside a layer
@@ -24,7 +27,7 @@ import torch
 from prerequisites.layerwise import capture_inputs, each_layer
 from prune.allocation import ALLOCATORS, LayerScores
 from prune.interpolative import expand_groups
-from prune.units import MagnitudePruner, UnitPruner
+from prune.units import SELF, Correction, MagnitudePruner, UnitPruner
 
 # every pruning method, the one list the flags offer: stat and magnitude run through
 # stat_prune below; kwon (Kwon et al. 2022) needs labelled batches and runs through
@@ -39,6 +42,12 @@ METHODS = ("stat", "magnitude", "kwon")
 #   then the attention IDs measured on that FFN-pruned model (all its heads still there) and
 #   every head pruned.
 CALIBRATIONS = ("sequential", "dense_ffn", "one_shot", "ffn_then_attn")
+# the calibrations whose pass 2 can carry the dense model's inputs (Correction(target='dense'))
+DENSE_TARGET_CALIBRATIONS = ("sequential", "dense_ffn")
+# how pass 1 prices dropping neurons for the knapsack allocators: the error of the scaled ID
+# ('id'), or the error it makes in the output of the FFN ('output', like the heads')
+NEURON_ERRORS = ("id", "output")
+HELDOUT_EVERY = 4  # Correction(ridge='heldout'): every 4th calibration batch judges the ridges
 
 
 @dataclass
@@ -48,51 +57,72 @@ class PruneResult:
     scores: list = field(default_factory=list)
     allocation: str = ""
     seconds: float = 0.0
+    ridges: list = field(default_factory=list)  # per layer, the ridges chosen for (attention, FFN), or None
 
 
-def layer_pruners(adapter, layer, sketch_rows=None, sketch_seed=0, ffn=True):
-    """The two UnitPruners of one layer, for the blocks that still have units (else None);
-    with ffn=False, the attention's only."""
-    attn = neurons = None
-    if adapter.n_attn_units(layer):
-        attn = UnitPruner.attention(adapter.get(layer, adapter.attn_consumer).weight, adapter.attn_unit_dims(),
-                                    sketch_rows, sketch_seed)
-    if ffn and adapter.n_neurons(layer):
-        neurons = UnitPruner.neurons(adapter.get(layer, adapter.ffn_consumer).weight, sketch_rows, sketch_seed)
-    return attn, neurons
+def attn_pruner(adapter, layer, sketch_rows=None, sketch_seed=0, correction=SELF):
+    """The UnitPruner of a layer's attention units (None when it has none left)."""
+    if not adapter.n_attn_units(layer):
+        return None
+    return UnitPruner.attention(adapter.get(layer, adapter.attn_consumer), adapter.attn_unit_dims(), sketch_rows,
+                                sketch_seed, correction)
 
 
-def layer_scores(attn, neurons):
+def neuron_pruner(adapter, layer, sketch_rows=None, sketch_seed=0, correction=SELF):
+    """The UnitPruner of a layer's FFN neurons (None when it has none left)."""
+    if not adapter.n_neurons(layer):
+        return None
+    return UnitPruner.neurons(adapter.get(layer, adapter.ffn_consumer), sketch_rows, sketch_seed, correction)
+
+
+def layer_scores(attn, neurons, neuron_errors="id"):
     """What the solved pruners of one dense layer say every truncation costs (an empty block
     scores as nothing to keep)."""
     attn_errors = attn.output_errors() if attn else np.zeros(1)
     if neurons is None:
         return LayerScores(attn_errors, np.zeros(0), np.zeros(1))
-    return LayerScores(attn_errors, neurons.pivots(), neurons.errors())
+    output_errors = neurons.output_errors() if neuron_errors == "output" else None
+    return LayerScores(attn_errors, neurons.pivots(), neurons.errors(), output_errors)
+
+
+def dense_correction(correction, prunes):
+    """The correction of pass 1's pruners: on the dense model the inputs are the dense ones, so
+    the target is their own output; the ridge matters only when they prune (`prunes`: one_shot,
+    dense_ffn, ffn_then_attn), the constant column always (it changes the IDs)."""
+    return Correction(bias=correction.bias, add_bias=correction.add_bias,
+                      ridge=correction.ridge if prunes else None)
+
+
+def held_out(b, correction):
+    """Whether calibration batch b only judges the ridges (Correction(ridge='heldout'))."""
+    return correction.ridge == "heldout" and b % HELDOUT_EVERY == HELDOUT_EVERY - 1
 
 
 @torch.no_grad()
 def measure_dense(model, adapter, inputs, device, keep=(), sketch_rows=None, sketch_seed=0, ffn=True,
-                  progress=True, desc="pass 1: dense Grams", store=None):
+                  progress=True, desc="pass 1: dense Grams", store=None, correction=SELF, neuron_errors="id"):
     """Pass 1: every layer's pruners fed on the model as it is (dense, but for ffn_then_attn),
     and the scores they give; and the solved pruners of the blocks named in `keep` ("attn",
-    "ffn"; the others None), to prune from these IDs. ffn=False: the attention's only."""
+    "ffn"; the others None), to prune from these IDs. ffn=False: the attention's only.
+    correction: the run's; its target here is always the block's own output (dense_correction)."""
     scores, pruners = [], []
+    correction = dense_correction(correction, bool(keep))
     for _, layer in each_layer(model, adapter, device, store, desc=desc, progress=progress):
-        attn, neurons = layer_pruners(adapter, layer, sketch_rows, sketch_seed, ffn)
+        attn = attn_pruner(adapter, layer, sketch_rows, sketch_seed, correction)
+        neurons = neuron_pruner(adapter, layer, sketch_rows, sketch_seed, correction) if ffn else None
         for b, (x, extras, mask) in enumerate(zip(inputs.hidden, inputs.extras, inputs.masks)):
             context = adapter.attention_context(layer, x, extras)
             if attn:
-                attn.add_batch(context, mask)
+                attn.add_batch(context, mask, held_out=held_out(b, correction))
             h = adapter.after_attention(layer, context, x)
             hidden = adapter.ffn_hidden(layer, h)
             if neurons:
-                neurons.add_batch(hidden, mask)
+                neurons.add_batch(hidden, mask, held_out=held_out(b, correction))
             inputs.hidden[b] = adapter.after_ffn(layer, hidden, h)
         for pruner in (attn, neurons):
             if pruner:
                 pruner.solve()
-        scores.append(layer_scores(attn, neurons))
+        scores.append(layer_scores(attn, neurons, neuron_errors))
         if keep:  # off the device: only the layer being worked on may be there
             pruners.append(tuple(p.to("cpu") if p and kind in keep else None
                                  for kind, p in (("attn", attn), ("ffn", neurons))))
@@ -131,51 +161,94 @@ def neuron_weight_norms(adapter, layer):
 
 @torch.no_grad()
 def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_ffn_pruners=None, sketch_rows=None,
-                     sketch_seed=0, progress=True, store=None):
+                     sketch_seed=0, progress=True, store=None, correction=SELF, dense_orders=None):
     """Pass 2: prune from the bottom, each layer's IDs measured on the pruned layers below.
+    Returns, per layer, the ridges chosen for (attention, FFN) (None where none was chosen).
 
     With `dense_ffn_pruners` (per layer, the solved FFN pruner of pass 1), the FFN IDs come
     from the dense model instead (only the attention is re-measured), which saves the
     costliest Gram products.
 
-    Memory: two activation-sized sets of tensors at most, the layer's inputs and its
-    attention outputs, each batch's dropped as soon as it has been used for the last time.
+    With Correction(target='dense'), a copy of the layer inputs goes through each layer before
+    it is pruned (while it is on the device, with `store` too): the dense model's activations,
+    fed to the pruners beside the pruned ones. A block that keeps every unit is refitted too
+    once the layers below have changed.
+    With `dense_orders` (per layer, the units' orders of pass 1), the kept units are those the
+    dense model's IDs choose; only the corrections are fitted here.
+
+    Memory: two activation-sized sets of tensors at most (three with the dense target), the
+    layer's inputs and its attention outputs (and the dense stream), each batch's dropped as
+    soon as it has been used for the last time.
     """
+    dense = correction.target == "dense"
+    dense_hidden = [x.clone() for x in inputs.hidden] if dense else None
+    drifted = False  # whether the pruned model's activations differ from the dense model's yet
+    ridges = []
     for l, layer in each_layer(model, adapter, device, store, changes=True, desc="pass 2: prune", progress=progress):
-        contexts = [adapter.attention_context(layer, x, extras) for x, extras in zip(inputs.hidden, inputs.extras)]
-        kept_dims = torch.zeros(0, dtype=torch.long, device=device)
-        if adapter.n_attn_units(layer):
-            pruner = UnitPruner.attention(adapter.get(layer, adapter.attn_consumer).weight, adapter.attn_unit_dims(),
-                                          sketch_rows, sketch_seed)
-            for context, mask in zip(contexts, inputs.masks):
-                pruner.add_batch(context, mask)
-            keep, W_O = pruner.solve().prune(attn_units[l])
-            del pruner
-            adapter.prune_attn_units(layer, keep, W_O)
+        pruner = attn_pruner(adapter, layer, sketch_rows, sketch_seed, correction)
+        if pruner and not (attn_units[l] < pruner.n or (drifted and dense)):
+            pruner = None  # keeps every unit, and nothing to refit
+        contexts = []
+        for b, (x, extras, mask) in enumerate(zip(inputs.hidden, inputs.extras, inputs.masks)):
+            contexts.append(adapter.attention_context(layer, x, extras))
+            context_dense = x_dense = None
+            if dense:  # the dense block's input and output, before the block changes
+                x_dense = dense_hidden[b]
+                context_dense = adapter.attention_context(layer, x_dense, extras)
+                dense_hidden[b] = adapter.after_attention(layer, context_dense, x_dense)
+            if pruner:
+                pruner.add_batch(contexts[b], mask, **_dense_inputs(correction, context_dense, x_dense, x),
+                                 held_out=held_out(b, correction))
+        kept_dims = None
+        ridges.append([None, None])
+        if pruner:
+            keep, W_O, bias = pruner.solve(dense_orders and dense_orders[l][0]).prune(attn_units[l])
+            adapter.prune_attn_units(layer, keep, W_O, bias)
             kept_dims = expand_groups(keep, adapter.attn_unit_dims()).to(device)
+            drifted = True
+            ridges[l][0] = pruner.chosen_ridge
+        del pruner
         # the kept units' outputs are unchanged by the pruning: reuse them, in place; and the
         # layer's inputs are not needed past the attention's residual: drop them, so that the
         # FFN's Gram and factor run beside one activation-sized buffer, not two
         hs = contexts
         for b, x in enumerate(inputs.hidden):
-            hs[b] = adapter.after_attention(layer, hs[b][..., kept_dims], x)
+            hs[b] = adapter.after_attention(layer, hs[b] if kept_dims is None else hs[b][..., kept_dims], x)
             inputs.hidden[b] = None
 
-        if adapter.n_neurons(layer):
-            if dense_ffn_pruners is None:
-                pruner = UnitPruner.neurons(adapter.get(layer, adapter.ffn_consumer).weight, sketch_rows, sketch_seed)
-                for h, mask in zip(hs, inputs.masks):
-                    pruner.add_batch(adapter.ffn_hidden(layer, h), mask)
-                pruner.solve()
-            else:
-                pruner = dense_ffn_pruners[l]
+        fed = dense_ffn_pruners is None  # else the FFN's IDs come from pass 1
+        pruner = neuron_pruner(adapter, layer, sketch_rows, sketch_seed, correction) if fed else dense_ffn_pruners[l]
+        if pruner and not (neurons[l] < pruner.n or (drifted and dense and fed)):
+            pruner = None
+        for b, (h, mask) in enumerate(zip(hs, inputs.masks)):
+            hidden_dense = h_dense = None
+            if dense:
+                h_dense = dense_hidden[b]
+                hidden_dense = adapter.ffn_hidden(layer, h_dense)
+                dense_hidden[b] = adapter.after_ffn(layer, hidden_dense, h_dense)
+            if pruner and fed:
+                pruner.add_batch(adapter.ffn_hidden(layer, h), mask,
+                                 **_dense_inputs(correction, hidden_dense, h_dense, h),
+                                 held_out=held_out(b, correction))
+        if pruner:
+            if fed:
+                pruner.solve(dense_orders and dense_orders[l][1])
             adapter.prune_neurons(layer, *pruner.prune(neurons[l]))
-            del pruner
+            drifted = True
+            ridges[l][1] = pruner.chosen_ridge
+        del pruner
 
         for b, h in enumerate(hs):
             inputs.hidden[b] = adapter.after_ffn(layer, adapter.ffn_hidden(layer, h), h)
             hs[b] = None
         del contexts, hs  # one list under two names
+    return ridges
+
+
+def _dense_inputs(correction, A_dense, x_dense, x):
+    """The keyword arguments of UnitPruner.add_batch that a correction asks for."""
+    return {"A_dense": A_dense if correction.target == "dense" else None,
+            "residual": x_dense - x if correction.residual else None}
 
 
 @torch.no_grad()
@@ -201,7 +274,8 @@ def spread_subset(items, fraction):
 
 def stat_prune(model, adapter, batches, costs, mu, device, method="stat", allocation=None,
                calibration="sequential", weighting=None, sketch_rows=None, sketch_seed=0, score_fraction=0.25,
-               neuron_share=None, progress=True, store=None):
+               neuron_share=None, progress=True, store=None, correction=SELF, neuron_errors="id",
+               select_on="pruned"):
     """Prune `model` in place to at most μ of its attention and FFN MACs. Returns a PruneResult.
 
     costs: (MACs of one attention unit, MACs of one neuron), numbers (efficiency/macs.py).
@@ -214,10 +288,18 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     the dense model on. The allocation is a coarse decision: a quarter of the data measured
     as well as all of it (README), at a quarter of the cost; the IDs of pass 2 always use
     every batch. (one_shot, dense_ffn and ffn_then_attn prune with IDs from pass 1, so there
-    pass 1 uses every batch.)
+    pass 1 uses every batch; so does select_on='dense'.)
     sketch_rows, sketch_seed: CountSketch every batch to this many rows (None: exact Grams),
     with random buckets and signs drawn from this seed.
     store: a LayerStore when the layers live on disk between their turns (--low_memory).
+    correction: how each consumer is refitted (prune/units.py Correction); the blocks that
+    prune with pass 1's IDs see the dense model's inputs, where the 'self' and 'dense' targets
+    agree (the dense target needs a calibration in DENSE_TARGET_CALIBRATIONS).
+    neuron_errors: how pass 1 prices neurons for the knapsack allocators (NEURON_ERRORS).
+    select_on: 'pruned' (pass 2's IDs choose the units, on the activations of the pruned layers
+    below) or 'dense' (pass 1's IDs on the dense model choose them; pass 2 fits the
+    corrections; sequential calibration only).
+    `magnitude` never corrects.
     """
     if method not in METHODS or method == "kwon":
         raise ValueError(f"stat_prune runs stat or magnitude, not {method!r} (kwon: prune.kwon.kwon_prune)")
@@ -226,15 +308,23 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     allocation = allocation or adapter.default_allocation
     if allocation not in ALLOCATORS:
         raise ValueError(f"unknown allocation {allocation!r}: choose from {', '.join(ALLOCATORS)}")
+    if correction.target == "dense" and calibration not in DENSE_TARGET_CALIBRATIONS:
+        raise ValueError(f"the dense correction target needs calibration {' or '.join(DENSE_TARGET_CALIBRATIONS)}")
+    if select_on not in ("pruned", "dense") or (select_on == "dense" and calibration != "sequential"):
+        raise ValueError(f"select_on must be 'pruned', or 'dense' with sequential calibration, not {select_on!r}")
+    if neuron_errors not in NEURON_ERRORS:
+        raise ValueError(f"unknown neuron errors {neuron_errors!r}: choose from {', '.join(NEURON_ERRORS)}")
     start = time.perf_counter()
     model.eval()
     batches = list(batches)
     sketch = dict(sketch_rows=sketch_rows, sketch_seed=sketch_seed)
     keep = {"sequential": (), "dense_ffn": ("ffn",), "one_shot": ("attn", "ffn"),
             "ffn_then_attn": ("ffn",)}[calibration] if method == "stat" else ()
+    if method == "stat" and select_on == "dense":
+        keep = ("attn", "ffn")
     inputs = capture_inputs(model, adapter, batches if keep else spread_subset(batches, score_fraction), device)
     scores, pruners = measure_dense(model, adapter, inputs, device, keep=keep, progress=progress, store=store,
-                                    **sketch)
+                                    correction=correction, neuron_errors=neuron_errors, **sketch)
     del inputs
     attn_cost, neuron_cost = costs
     options = {}
@@ -242,6 +332,7 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
         options = {"variant": "opt" if adapter.is_decoder else "bert", "neuron_share": neuron_share}
     attn_units, neurons = ALLOCATORS[allocation](scores, attn_cost, neuron_cost, mu,
                                                  weighting or adapter.depth_weighting, **options)
+    ridges = []
     if method == "magnitude":
         prune_from_pruners(model, adapter, attn_units, neurons, lambda l, layer: magnitude_pruners(adapter, layer),
                            store)
@@ -252,13 +343,17 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
         del pruners
         inputs = capture_inputs(model, adapter, batches, device)
         _, pruners = measure_dense(model, adapter, inputs, device, keep=("attn",), ffn=False, progress=progress,
-                                   desc="attention Grams on the FFN-pruned model", store=store, **sketch)
+                                   desc="attention Grams on the FFN-pruned model", store=store,
+                                   correction=correction, **sketch)
         del inputs
         prune_from_pruners(model, adapter, attn_units, neurons, lambda l, layer: pruners[l], store)  # the attention
     else:
         inputs = capture_inputs(model, adapter, batches, device)
         dense_ffn_pruners = [ffn for _, ffn in pruners] if calibration == "dense_ffn" else None
-        prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_ffn_pruners, progress=progress,
-                         store=store, **sketch)
+        dense_orders = [tuple(p and p.order for p in pair) for pair in pruners] if select_on == "dense" else None
+        del pruners
+        ridges = prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_ffn_pruners,
+                                  progress=progress, store=store, correction=correction, dense_orders=dense_orders,
+                                  **sketch)
     return PruneResult(attn_units=list(attn_units), neurons=list(neurons), scores=scores, allocation=allocation,
-                       seconds=time.perf_counter() - start)
+                       seconds=time.perf_counter() - start, ridges=ridges)

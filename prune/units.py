@@ -2,7 +2,7 @@
 
 A block has n units feeding one linear map W (out × n·unit_dims): the FFN output projection,
 or the attention output projection. Pruning keeps k units and replaces W by the weight that
-best reproduces W's output from the kept units alone.
+best reproduces a target output from the kept units alone.
 
 `UnitPruner` is STAT on one block, in the shape of GPTQ's per-layer object: statistics
 accumulate batch by batch (`add_batch`: the Gram of the block's input), then one decision
@@ -14,12 +14,69 @@ units and the corrected W. As in DESIGN.md §2:
 - attention units: a pivoted QR over whole units (the Gram of the units is the matrix of
   traces of the unit blocks of G), then each dropped unit's dims are fitted on all the kept
   units' dims.
+
+How the kept columns J are refitted is a `Correction` (DESIGN.md §4). With the default one,
+the ID's own: W_J + W_¬J Tᵀ, reproducing W's output on the activations A′ the block receives.
+Otherwise, from G′ = A′ᵀA′ and P = A′ᵀY accumulated beside it, the ridge fit
+    W_Jᵀ = (G′_JJ + λI)⁻¹ (P_J + λ W_Jᵀ)    (λ → ∞: plain selection, W_J unchanged)
+of a target Y: W's own output A′Wᵀ (`self`), or the dense model's AWᵀ (`dense`, with A the
+dense model's activations fed beside A′), plus the residual stream's gap x − x′ (`residual`).
+With a constant column (`bias`) every statistic is centred, J is chosen on the centred
+activations, and the means go into the consumer's bias.
 `MagnitudePruner` is the baseline: units ranked by the norms of their weights, uncorrected.
 """
+import warnings
+from dataclasses import dataclass
+
 import torch
 
 from prune.gram import Gram
-from prune.interpolative import expand_groups, group_gram, ordered_factor, pivoted_factor
+from prune.interpolative import RIDGE, expand_groups, group_gram, ordered_factor, pivoted_factor
+
+# candidate relative ridges of Correction(ridge="heldout"), and the output directions they are
+# compared in
+HELDOUT_RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)
+HELDOUT_DIRECTIONS = 64
+
+
+@dataclass(frozen=True)
+class Correction:
+    """How a block's consumer is refitted once units go.
+
+    target: 'self' (reproduce the consumer's output on the inputs the pruned model gives it)
+      or 'dense' (reproduce the dense model's output: add_batch needs A_dense).
+    residual: the target also includes x_dense − x′ of the residual stream that the consumer
+      writes into (add_batch needs it; with target 'dense').
+    bias: keep a constant column in the ID: the dropped units' mean goes into the bias.
+    add_bias: with `bias`, also give a consumer without a bias one (else it is fitted
+      without the constant column).
+    ridge: the refit's ridge relative to the mean diagonal of G′_JJ, shrinking the new weight
+      towards plain selection; None: the ID's own (interpolative.RIDGE); 'heldout': chosen
+      per block among HELDOUT_RIDGES by how well the fit on the other batches reproduces the
+      target on the batches fed with held_out=True.
+    """
+
+    target: str = "self"
+    residual: bool = False
+    bias: bool = False
+    add_bias: bool = False
+    ridge: object = None
+
+    def __post_init__(self):
+        if self.target not in ("self", "dense"):
+            raise ValueError(f"unknown correction target {self.target!r}")
+        if self.residual and self.target != "dense":
+            raise ValueError("the residual correction needs the dense target")
+        if not (self.ridge is None or self.ridge == "heldout" or float(self.ridge) > 0):
+            raise ValueError(f"ridge must be positive, None or 'heldout', got {self.ridge!r}")
+
+    @property
+    def classic(self):
+        """The ID's own correction (no statistics beyond the Gram)."""
+        return self.target == "self" and self.ridge is None
+
+
+SELF = Correction()
 
 
 def keep_units(W, order, unit_dims, k, coefficients=None):
@@ -42,47 +99,113 @@ def keep_units(W, order, unit_dims, k, coefficients=None):
 class UnitPruner:
     """STAT's choice and correction for the units of one block (see the module docstring).
 
-    W: the consumer's weight (out × n·unit_dims). scale_by_weight: select on A·diag(‖W[:, j]‖)
-    (neurons) rather than on whole units of A (attention units).
+    W, b: the consumer's weight (out × n·unit_dims) and bias (or None). scale_by_weight:
+    select on A·diag(‖W[:, j]‖) (neurons) rather than on whole units of A (attention units).
     """
 
-    def __init__(self, W, unit_dims=1, scale_by_weight=False, sketch_rows=None, sketch_seed=0):
+    def __init__(self, W, unit_dims=1, scale_by_weight=False, sketch_rows=None, sketch_seed=0, b=None,
+                 correction=SELF):
         self.W = W.detach().double()
+        self.b = None if b is None else b.detach().double()
         self.unit_dims = unit_dims
         self.scale_by_weight = scale_by_weight
+        self.correction = correction
         self.n = W.shape[1] // unit_dims
-        self.gram = Gram(W.shape[1], W.device, sketch_rows, sketch_seed)
-        self.order = self.factor = self.dim_scale = None
+        self.constant = correction.bias and (b is not None or correction.add_bias)
+        dims = W.shape[1]
+        extra = dims * (correction.target == "dense") + W.shape[0] * correction.residual
+        # A′ with a column of ones last when there is a constant; [A, x − x′] beside it; a second
+        # Gram for the held-out batches only when they choose the ridge
+        self.grams = [Gram(dims + self.constant, W.device, sketch_rows, sketch_seed + part, extra=extra)
+                      for part in range(1 + (correction.ridge == "heldout"))]
+        self.order = self.factor = self.dim_scale = self.fit = self.heldout = None
+        self.chosen_ridge = None
 
     @classmethod
-    def neurons(cls, W, sketch_rows=None, sketch_seed=0):
-        return cls(W, 1, scale_by_weight=True, sketch_rows=sketch_rows, sketch_seed=sketch_seed)
+    def neurons(cls, linear, sketch_rows=None, sketch_seed=0, correction=SELF):
+        return cls(linear.weight, 1, scale_by_weight=True, sketch_rows=sketch_rows, sketch_seed=sketch_seed,
+                   b=linear.bias, correction=correction)
 
     @classmethod
-    def attention(cls, W, unit_dims, sketch_rows=None, sketch_seed=0):
-        return cls(W, unit_dims, scale_by_weight=False, sketch_rows=sketch_rows, sketch_seed=sketch_seed)
+    def attention(cls, linear, unit_dims, sketch_rows=None, sketch_seed=0, correction=SELF):
+        return cls(linear.weight, unit_dims, scale_by_weight=False, sketch_rows=sketch_rows, sketch_seed=sketch_seed,
+                   b=linear.bias, correction=correction)
 
-    def add_batch(self, A, mask=None):
-        """A: (..., n·unit_dims) inputs of the consumer; mask: (...) bool, True for real tokens."""
-        self.gram.add_batch(A, mask)
+    def add_batch(self, A, mask=None, A_dense=None, residual=None, held_out=False):
+        """A: (..., n·unit_dims) inputs of the consumer; mask: (...) bool, True for real tokens;
+        A_dense: the dense model's inputs of the consumer (target 'dense'); residual: x − x′
+        (residual correction); held_out: the batch only judges the ridges (ridge 'heldout')."""
+        if (A_dense is None) == (self.correction.target == "dense"):
+            raise ValueError("A_dense is needed with the dense target, and only then")
+        if (residual is None) == self.correction.residual:
+            raise ValueError("residual is needed with the residual correction, and only then")
+        if self.constant:
+            A = torch.cat([A, A.new_ones(*A.shape[:-1], 1)], dim=-1)
+        others = [t for t in (A_dense, residual) if t is not None]
+        if held_out and len(self.grams) == 1:
+            raise ValueError("held-out batches judge the ridge only with Correction(ridge='heldout')")
+        self.grams[bool(held_out)].add_batch(A, mask, torch.cat(others, dim=-1) if others else None)
 
-    def solve(self):
-        """Factor the Gram once: the order of the units and R (the Gram is freed)."""
-        G, self.gram = self.gram.G, None
+    def solve(self, order=None):
+        """Order the units once, and keep what the refits need (the Grams are freed).
+
+        order: the units' order decided elsewhere (the dense model's ID), else the ID's own."""
+        fit = self.grams[0].products
+        held_out = self.grams[1].products if len(self.grams) > 1 and self.grams[1].rows else None
+        self.grams = None
+        if held_out is not None and self.correction.ridge == "heldout":
+            self.heldout = (self._statistics(fit), self._statistics(held_out))
+        total = self._statistics(fit if held_out is None else fit + held_out)
+        G = total.G if self.correction.classic else total.G.clone()
         if self.scale_by_weight:
             scale = self.W.norm(dim=0).to(G.device)
             G *= scale[:, None]
             G *= scale[None, :]  # in place: a Gram is the largest matrix here
+            self.dim_scale = scale
+        if order is not None:
+            self.order = order.cpu()
+            self.factor = ordered_factor(G, expand_groups(self.order, self.unit_dims))
+        elif self.scale_by_weight:
             self.factor = pivoted_factor(G)
-            self.order, self.dim_scale = self.factor.order, scale
+            self.order = self.factor.order
         else:
             self.order = pivoted_factor(group_gram(G, self.unit_dims)).order
             self.factor = ordered_factor(G, expand_groups(self.order, self.unit_dims))
+        del G
+        if not self.correction.classic:
+            self.fit = total
+        elif self.constant:
+            self.fit = Statistics(None, None, total.mean, total.target_mean)
         return self
+
+    def _statistics(self, M):
+        """G′ and P = A′ᵀY from the accumulated products M = A′ᵀ[A′ (1) A (x − x′)], centred
+        when there is a constant, and the means."""
+        dims = self.W.shape[1]
+        top = M[: dims + self.constant]  # rows of A′'s dims, then the row of the constant
+        if self.correction.classic:
+            P = None
+        elif self.correction.target == "self":
+            P = top[:, :dims] @ self.W.T
+        else:
+            after = dims + self.constant
+            P = top[:, after:after + dims] @ self.W.T
+            if self.correction.residual:
+                P += top[:, after + dims:]
+        if not self.constant:
+            return Statistics(M[:, :dims], P, None, None)
+        count = M[dims, dims].clamp_min(1.0)
+        mean = M[dims, :dims] / count
+        target_mean = P[dims] / count if P is not None else self.W @ mean
+        G = M[:dims, :dims] - count * torch.outer(mean, mean)
+        if P is not None:
+            P = P[:dims] - count * torch.outer(mean, target_mean)
+        return Statistics(G, P, mean, target_mean)
 
     def output_errors(self):
         """[i] = ‖(ID residual) W_droppedᵀ‖_F when the best i units are kept, i = 0..n."""
-        return self.factor.output_errors(self.W)[:: self.unit_dims].cpu().numpy()
+        W = self.W if self.dim_scale is None else self.W / torch.where(self.dim_scale > 0, self.dim_scale, 1)
+        return self.factor.output_errors(W)[:: self.unit_dims].cpu().numpy()
 
     def pivots(self):
         """What each successive unit of the (scaled) ID adds, non-increasing."""
@@ -106,16 +229,109 @@ class UnitPruner:
         return T
 
     def prune(self, k):
-        """Keep the best k units: (kept units, sorted; the corrected W)."""
-        return keep_units(self.W, self.order.cpu(), self.unit_dims, k, self.coefficients(k))
+        """Keep the best k units: (kept units, sorted; the corrected W; the new bias, or None
+        for the bias as it is)."""
+        order = self.order.cpu()
+        if k == self.n and self.correction.target == "self":  # nothing dropped: nothing to correct
+            return order.sort().values, self.W, None
+        if self.correction.classic:
+            kept, W_new = keep_units(self.W, order, self.unit_dims, k, self.coefficients(k))
+        else:
+            kept = order[:k].sort().values
+            dims = expand_groups(kept, self.unit_dims).to(self.W.device)
+            W_new = self._refit(dims)
+        if not self.constant:
+            return kept, W_new, None
+        # the constant's coefficient: what the target's mean and the kept columns' leave over
+        dims = expand_groups(kept, self.unit_dims).to(self.W.device)
+        b = self.b if self.b is not None else self.W.new_zeros(self.W.shape[0])
+        return kept, W_new, b + self.fit.target_mean - W_new @ self.fit.mean[dims]
+
+    def _refit(self, dims):
+        W_kept = self.W[:, dims]
+        if len(dims) == 0:
+            return W_kept
+        alpha = self.correction.ridge
+        if alpha is None:
+            alpha = RIDGE
+        elif alpha == "heldout":
+            alpha = RIDGE if self.heldout is None else choose_ridge(
+                *(_restricted(s, dims) for s in self.heldout), W_kept, HELDOUT_RIDGES, HELDOUT_DIRECTIONS)
+            self.chosen_ridge = alpha
+        G, P = _restricted(self.fit, dims)
+        return ridge_fit(G, P, W_kept, alpha)
 
     def to(self, device):
-        """Move what the decision holds (W, R: n × n floats) to `device`."""
+        """Move what the decision holds (W, R: n × n floats, the refit's statistics) to `device`."""
         self.W = self.W.to(device)
+        if self.b is not None:
+            self.b = self.b.to(device)
         self.factor.R = self.factor.R.to(device)
         if self.dim_scale is not None:
             self.dim_scale = self.dim_scale.to(device)
+        if self.fit is not None:
+            self.fit = self.fit.to(device)
+        if self.heldout is not None:
+            self.heldout = tuple(s.to(device) for s in self.heldout)
         return self
+
+
+@dataclass
+class Statistics:
+    """What a refit needs: G′ = A′ᵀA′, P = A′ᵀY (centred when there is a constant), and the
+    means of A′ and of the target Y (None without a constant)."""
+
+    G: torch.Tensor
+    P: torch.Tensor
+    mean: torch.Tensor
+    target_mean: torch.Tensor
+
+    def to(self, device):
+        return Statistics(*(None if t is None else t.to(device) for t in (self.G, self.P, self.mean,
+                                                                          self.target_mean)))
+
+
+def _restricted(statistics, dims):
+    return statistics.G[dims][:, dims], statistics.P[dims]
+
+
+def ridge_fit(G, P, W0, alpha):
+    """argmin_W ‖A Wᵀ − Y‖² + λ‖W − W0‖² from G = AᵀA and P = AᵀY, λ = alpha · mean diag(G).
+
+    Should rounding leave G + λI indefinite (a rank-deficient G rounded to float32), λ is
+    raised tenfold until it factors, with a warning."""
+    eye = torch.eye(len(G), dtype=G.dtype, device=G.device)
+    scale = float(G.diagonal().mean()) or 1.0
+    lam = alpha * scale
+    for _ in range(12):
+        L, info = torch.linalg.cholesky_ex(G + lam * eye)
+        if int(info) == 0:
+            return torch.cholesky_solve(P + lam * W0.T, L).T
+        lam *= 10
+        warnings.warn(f"ridge fit: G + λI not positive definite, λ raised to {lam / scale:.0e} of the mean "
+                      "diagonal", RuntimeWarning, stacklevel=2)
+    raise ValueError("Gram matrix is not positive semi-definite (NaN or Inf in activations?)")
+
+
+def choose_ridge(fit, held_out, W0, alphas, directions=None, seed=0):
+    """The alpha of `alphas` whose ridge_fit on `fit` (G, P) reproduces the target best on
+    `held_out` (G_h, P_h): ‖A_h Wᵀ − Y_h‖² = tr(W G_h Wᵀ) − 2 tr(W P_h) + const.
+
+    directions: compare the errors in that many random directions of the output space
+    (Gaussian, seeded: an unbiased estimate, the same for every alpha) rather than in all of
+    it, which makes each candidate cost one Cholesky factorisation of G and little more.
+    """
+    (G, P), (G_h, P_h) = fit, held_out
+    W0t = W0.T
+    if directions is not None and directions < P.shape[1]:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        omega = torch.randn(P.shape[1], directions, generator=generator, dtype=P.dtype).to(P.device)
+        P, P_h, W0t = P @ omega, P_h @ omega, W0t @ omega
+    errors = []
+    for alpha in alphas:
+        Wt = ridge_fit(G, P, W0t.T, alpha).T
+        errors.append(float((Wt * (G_h @ Wt)).sum() - 2 * (Wt * P_h).sum()))
+    return alphas[min(range(len(alphas)), key=errors.__getitem__)]
 
 
 class MagnitudePruner:
@@ -127,4 +343,4 @@ class MagnitudePruner:
         self.order = torch.argsort(unit_norms.cpu(), descending=True, stable=True)
 
     def prune(self, k):
-        return keep_units(self.W, self.order, self.unit_dims, k)
+        return (*keep_units(self.W, self.order, self.unit_dims, k), None)

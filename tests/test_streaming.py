@@ -21,6 +21,7 @@ from prerequisites.checkpoint import load_model, save_pruned
 from prerequisites.layerwise import each_layer
 from prerequisites.streaming import INDEX_FILE, load_streamed
 from prune.stat import stat_prune
+from prune.units import SELF, Correction
 from quantize.sequential import quantize_model
 from quantize.storage import QUANTIZED, save_quantized
 from test_adapters import shrink
@@ -79,13 +80,19 @@ def test_a_streamed_model_is_the_checkpoint_with_empty_layers(family, tmp_path):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("family,method,calibration", [
-    ("opt", "stat", "sequential"), ("llama", "stat", "sequential"), ("tied-llama", "stat", "sequential"),
-    ("tied-llama", "stat", "one_shot"), ("opt", "magnitude", None)])
-def test_streamed_pruning_writes_the_same_checkpoint(family, method, calibration, tmp_path):
+# the corrections beyond the paper: the dense stream carried beside the pruned one, and biases
+# that Llama's o_proj/down_proj gain, through layers that live on disk between their turns
+EVERY_CORRECTION = Correction(target="dense", residual=True, bias=True, add_bias=True, ridge="heldout")
+
+
+@pytest.mark.parametrize("family,method,calibration,correction", [
+    ("opt", "stat", "sequential", SELF), ("llama", "stat", "sequential", SELF),
+    ("tied-llama", "stat", "sequential", SELF), ("tied-llama", "stat", "one_shot", SELF),
+    ("opt", "magnitude", None, SELF), ("llama", "stat", "sequential", EVERY_CORRECTION)])
+def test_streamed_pruning_writes_the_same_checkpoint(family, method, calibration, correction, tmp_path):
     dense_path = saved(FAMILIES[family](), tmp_path / "dense")
     batches = tiny.random_batches(n_batches=4, batch=4, length=16)
-    kwargs = dict(method=method, calibration=calibration or "sequential", progress=False)
+    kwargs = dict(method=method, calibration=calibration or "sequential", progress=False, correction=correction)
 
     model = load_model(dense_path)
     adapter = adapter_for(model)
@@ -108,6 +115,8 @@ def test_streamed_pruning_writes_the_same_checkpoint(family, method, calibration
     assert json.load(open(tmp_path / "streamed" / "config.json"))["stat_heads"] == in_memory.attn_units
     expected = logits(load_model(str(tmp_path / "in-memory")), batches)
     assert torch.equal(logits(load_model(str(tmp_path / "streamed")), batches), expected)
+    if correction.add_bias:  # the biases Llama's consumers gained went to disk and back
+        assert any(key.endswith("down_proj.bias") for key in load_model(str(tmp_path / "streamed")).state_dict())
     remote = AutoModelForCausalLM.from_pretrained(str(tmp_path / "streamed"), trust_remote_code=True)
     assert torch.equal(logits(remote.eval(), batches), expected)
 

@@ -1,0 +1,349 @@
+"""Benchmark the corrections beyond the paper (issue 14): dense target, residual, bias
+compensation, ridge, output-space neuron errors; alone and together, in and off domain.
+
+    python benchmarks/bench_corrections.py minilm  [--mus ...] [--variants ...] [--seeds 0 1 2]
+    python benchmarks/bench_corrections.py smollm2 [--mus ...] [--variants ...] [--seeds 0 1 2]
+
+A variant is a '+'-joined list of settings on top of today's default (`today`: --correction
+self, no bias compensation, the ID's ridge, ID neuron errors):
+  dense            --correction dense          res      --residual_correction
+  bias             --bias_compensation existing   addbias  --bias_compensation add
+  ridge=X          --correction_ridge X (a number or heldout)
+  nerr             --neuron_errors output      magnitude  --method magnitude
+  alloc=NAME       --allocation NAME           cal=NAME   --calibration NAME
+  n=N              (smollm2) N calibration windows instead of --nsamples
+  select=dense     the units chosen by pass 1's IDs on the dense model (stat_prune select_on)
+  sf=X             --score_fraction X
+
+Every run reports the metric on the evaluation sets and on data held out of the training
+text, which is what defaults are chosen on (never the evaluation sets):
+- minilm (the demo classifier, movie-sentiment): dev accuracy; `select` = accuracy on 3,000
+  training sentences that no calibration sample of seeds 0-4 draws (the model was fine-tuned
+  on them, once).
+- smollm2 (SmolLM2-135M, austen, windows of 512): perplexity on 40 windows of
+  prideprejudice (in domain), on 40 windows of the movie-sentiment dev sentences joined into
+  one text (out of domain; written to a temporary `--task text` data dir, train.txt = the
+  calibration text, so `prune_opt.py --task text --data_dir DIR` reproduces it); `select` =
+  perplexity on 24 windows of emma + mansfieldpark that no calibration window of seeds 0-4
+  overlaps.
+Pruning time is given in dense forward passes over the calibration set, measured in the same
+process (SmolLM2: measured once, with the dense scores, and kept in
+output/bench_corrections/smollm2-dense.pt). Each run is appended to output/bench_corrections/<model>.jsonl; `--table` prints the
+tables (mean over the seeds asked for) from that file without running anything.
+"""
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from dataset import glue, lm  # noqa: E402
+from efficiency.latency import forward_seconds as dense_forward_seconds  # noqa: E402
+from efficiency.macs import adapter_costs, model_macs  # noqa: E402
+from evaluate.inputs import accepted_inputs  # noqa: E402
+from evaluate.perplexity import perplexity  # noqa: E402
+from prerequisites.adapters import adapter_for  # noqa: E402
+from prerequisites.checkpoint import load_model, load_tokenizer  # noqa: E402
+from prune.stat import stat_prune  # noqa: E402
+from prune.units import Correction  # noqa: E402
+
+OUT = os.path.join(ROOT, "output", "bench_corrections")
+HELD_OUT_SEEDS = range(5)  # calibration seeds whose data the selection sets avoid
+VARIANTS = ["today", "magnitude", "dense", "dense+res", "bias", "ridge=heldout", "nerr",
+            "dense+res+bias+ridge=heldout+nerr"]
+
+
+def parse_variant(name):
+    """stat_prune's keyword arguments (and the calibration size) of a variant name."""
+    target, residual, bias, add_bias, ridge = "self", False, False, False, None
+    options, nsamples = {}, None
+    for part in name.split("+"):
+        key, _, value = part.partition("=")
+        if part == "today":
+            pass
+        elif part == "dense":
+            target = "dense"
+        elif part == "res":
+            residual = True
+        elif part == "bias":
+            bias = True
+        elif part == "addbias":
+            bias = add_bias = True
+        elif key == "ridge":
+            ridge = value if value == "heldout" else float(value)
+        elif part == "nerr":
+            options["neuron_errors"] = "output"
+        elif part == "magnitude":
+            options["method"] = "magnitude"
+        elif key == "alloc":
+            options["allocation"] = value
+        elif key == "cal":
+            options["calibration"] = value
+        elif key == "n":
+            nsamples = int(value)
+        elif key == "select":
+            options["select_on"] = value
+        elif key == "sf":
+            options["score_fraction"] = float(value)
+        else:
+            raise SystemExit(f"unknown variant part {part!r}")
+    options["correction"] = Correction(target=target, residual=residual, bias=bias, add_bias=add_bias, ridge=ridge)
+    return options, nsamples
+
+
+def dense_cache(name, key, value=None):
+    """The dense model's scores, kept between runs of this benchmark (they take minutes on a
+    shared CPU): read (value None; None when absent) or write them under `key`."""
+    path = os.path.join(OUT, f"{name}-dense.pt")
+    entries = torch.load(path) if os.path.exists(path) else {}
+    key = json.dumps(key, sort_keys=True)
+    if value is None:
+        return entries.get(key)
+    entries[key] = value
+    os.makedirs(OUT, exist_ok=True)
+    torch.save(entries, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------------------------------------
+# MiniLM on movie-sentiment
+
+
+class MiniLM:
+    name = "minilm"
+    higher_is_better = True
+
+    def __init__(self, args):
+        from evaluate.tasks import make_task
+        from scripts.build_demo_classifier import DEFAULT_OUT, build_classifier
+
+        model_dir = build_classifier(DEFAULT_OUT)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.task = make_task("movie-sentiment", self.tokenizer)
+        self.dense = load_model(model_dir)
+        self.adapter = adapter_for(self.dense)
+        self.costs = adapter_costs(self.adapter, self.task.mac_seq_len)
+        self.samples = args.samples
+        self.calibrations = {}
+        self.selection = self._selection_batches()
+        self.dense_log_probs = None
+        cached = dense_cache(self.name, {"samples": self.samples})
+        if cached:
+            self.dense_metrics, self.dense_log_probs = cached["metrics"], cached["log_probs"]
+        else:
+            self.dense_metrics = self.evaluate(self.dense)
+            dense_cache(self.name, {"samples": self.samples},
+                        {"metrics": self.dense_metrics, "log_probs": self.dense_log_probs})
+        self.forward_seconds = dense_forward_seconds(self.dense, self.calibration(0, None), repeats=3)
+
+    def _selection_batches(self, size=3000):
+        train = self.task.train
+        used = set()
+        for seed in HELD_OUT_SEEDS:
+            used.update(glue.calibration_indices(len(train), self.samples, seed, "distinct"))
+        free = [i for i in range(len(train)) if i not in used]
+        picks = [free[int(j * len(free) / size)] for j in range(size)]
+        encoded = glue.encode([train[i] for i in picks], self.tokenizer, self.task.spec)
+        return [accepted_inputs(self.dense, b) | {"labels": b["labels"]}
+                for b in glue.batches(encoded, 128, self.tokenizer.pad_token_id)]
+
+    @torch.no_grad()
+    def _selection_log_probs(self, model):
+        return torch.cat([torch.log_softmax(model(**{k: v for k, v in b.items() if k != "labels"}).logits.double(), -1)
+                          for b in self.selection])
+
+    def calibration(self, seed, nsamples):
+        if seed not in self.calibrations:
+            self.calibrations[seed] = self.task.calibration_batches(self.dense, self.samples, seed)
+        return self.calibrations[seed]
+
+    def evaluate(self, model):
+        """dev accuracy; on the selection sentences accuracy and the mean KL divergence of the
+        pruned model's class probabilities from the dense model's (a smoother criterion)."""
+        dev = self.task.evaluate(model, "cpu")["accuracy"]
+        log_probs = self._selection_log_probs(model)
+        if self.dense_log_probs is None:
+            self.dense_log_probs = log_probs
+        labels = torch.cat([b["labels"] for b in self.selection])
+        kl = (self.dense_log_probs.exp() * (self.dense_log_probs - log_probs)).sum(-1).mean()
+        return {"dev": dev, "select": float((log_probs.argmax(-1) == labels).double().mean()), "select_kl": float(kl)}
+
+
+# ---------------------------------------------------------------------------------------------
+# SmolLM2 on Austen, and off domain
+
+
+class SmolLM2:
+    name = "smollm2"
+    higher_is_better = False
+
+    def __init__(self, args):
+        from scripts.convert_smollm2 import DEFAULT_OUT, convert
+
+        model_dir = convert(DEFAULT_OUT)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.dense = load_model(model_dir)
+        self.adapter = adapter_for(self.dense)
+        self.seqlen, self.nsamples, self.batch_size = args.seqlen, args.nsamples, args.batch_size
+        self.costs = adapter_costs(self.adapter, self.seqlen)
+        self.data_dir = self._write_text_task()
+        tokens = lm.eval_tokens("austen", self.tokenizer)["prideprejudice"]
+        self.windows = {
+            "in_domain": lm.eval_windows(tokens, self.seqlen, args.eval_windows),
+            "off_domain": lm.eval_windows(lm.eval_tokens("text", self.tokenizer, self.data_dir)["text"], self.seqlen,
+                                          args.eval_windows),
+            "select": self._selection_windows(),
+        }
+        self.windows = {name: w for name, w in self.windows.items() if name in args.sets}
+        self.calibrations = {}
+        key = {"sets": sorted(self.windows), "seqlen": self.seqlen, "nsamples": self.nsamples,
+               "eval_windows": args.eval_windows}
+        cached = dense_cache(self.name, key) or {}
+        self.dense_metrics = cached.get("metrics") or self.evaluate(self.dense)
+        # a dense pass over the calibration set takes minutes on a shared CPU: measured once
+        self.forward_seconds = cached.get("forward_seconds") or dense_forward_seconds(
+            self.dense, self.calibration(0, None), repeats=1, use_cache=False)
+        dense_cache(self.name, key, {"metrics": self.dense_metrics, "forward_seconds": self.forward_seconds})
+
+    def _write_text_task(self):
+        """`--task text` data: train.txt = the Austen calibration text, test.txt = the
+        movie-sentiment dev sentences, one per line."""
+        data_dir = tempfile.mkdtemp(prefix="stat-offdomain-")
+        with open(os.path.join(data_dir, "train.txt"), "w", encoding="utf-8") as f:
+            f.write(lm.train_text("austen"))
+        sentences = [example.text_a for example in glue.load_examples("movie-sentiment", "validation")]
+        with open(os.path.join(data_dir, "test.txt"), "w", encoding="utf-8") as f:
+            f.write("\n".join(sentences) + "\n")
+        return data_dir
+
+    def _selection_windows(self, count=24):
+        """Windows of the calibration text that no calibration window of HELD_OUT_SEEDS touches."""
+        ids = lm.tokenize(self.tokenizer, lm.train_text("austen"))[0]
+        used = np.zeros(len(ids), dtype=bool)
+        for seed in HELD_OUT_SEEDS:
+            for start in self._starts(len(ids), seed, max(self.nsamples, 128)):
+                used[start:start + self.seqlen] = True
+        free = [s for s in range(0, len(ids) - self.seqlen, self.seqlen) if not used[s:s + self.seqlen].any()]
+        picks = [free[int(j * len(free) / count)] for j in range(count)]
+        return torch.stack([ids[s:s + self.seqlen] for s in picks])
+
+    def _starts(self, n_tokens, seed, nsamples):
+        import random  # the draws of lm.calibration_windows
+
+        rng = random.Random(seed)
+        return [rng.randint(0, n_tokens - self.seqlen - 1) for _ in range(nsamples)]
+
+    def calibration(self, seed, nsamples):
+        key = (seed, nsamples or self.nsamples)
+        if key not in self.calibrations:
+            windows = lm.calibration_windows("austen", self.tokenizer, key[1], self.seqlen, seed)
+            self.calibrations[key] = lm.window_batches(windows, self.batch_size)
+        return self.calibrations[key]
+
+    def evaluate(self, model):
+        return {name: perplexity(model, self.adapter, w, "cpu", self.batch_size, progress=False)
+                for name, w in self.windows.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run(bench, variant, mu, seed):
+    options, nsamples = parse_variant(variant)
+    model = copy.deepcopy(bench.dense)
+    result = stat_prune(model, bench.adapter, bench.calibration(seed, nsamples), bench.costs, mu, "cpu",
+                        progress=False, **options)
+    dense_macs = model_macs(*bench.adapter.shape(bench.dense), bench.costs)
+    ratio = model_macs(result.attn_units, result.neurons, bench.costs) / dense_macs
+    assert ratio <= mu + 1e-9, (variant, mu, ratio)
+    record = {"variant": variant, "mu": mu, "seed": seed, "metrics": bench.evaluate(model),
+              "dense": bench.dense_metrics, "mac_ratio": ratio, "prune_seconds": result.seconds,
+              "forward_seconds": bench.forward_seconds, "attn_units": result.attn_units,
+              "neurons": result.neurons, "ridges": result.ridges}
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, f"{bench.name}.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    metrics = "  ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items())
+    print(f"  mu {mu:.2f} {variant} seed {seed}: {metrics}; prune {result.seconds:.1f} s "
+          f"({result.seconds / bench.forward_seconds:.2f} dense passes)", flush=True)
+    return record
+
+
+def tables(name, variants, mus, seeds):
+    """Mean over `seeds` of every metric, per μ and variant, from the records on file."""
+    path = os.path.join(OUT, f"{name}.jsonl")
+    records = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    latest = {}
+    for r in records:  # the latest run of each (variant, μ, seed), and the latest value of each metric
+        key = r["variant"], r["mu"], r["seed"]
+        metrics = {**latest[key]["metrics"], **r["metrics"]} if key in latest else r["metrics"]
+        latest[key] = {**r, "metrics": metrics}
+    if not latest:
+        return
+    dense = {}
+    for r in latest.values():
+        dense.update(r["dense"])
+    width = max(12, *(len(v) for v in variants))
+    for metric in dense:
+        print(f"\n{metric} (dense {dense[metric]:.4f}), mean over seeds {list(seeds)} (n: runs found)")
+        print(f"{'mu':>5}  " + "  ".join(f"{v:>{width}}" for v in variants))
+        for mu in mus:
+            cells = []
+            for v in variants:
+                values = [latest[v, mu, s]["metrics"][metric] for s in seeds
+                          if (v, mu, s) in latest and metric in latest[v, mu, s]["metrics"]]
+                if not values:
+                    cells.append(f"{'-':>{width}}")
+                    continue
+                mean = statistics.mean(values)
+                rel = mean / dense[metric] if name == "smollm2" else mean - dense[metric]
+                text = f"{mean:.4f} ({rel:.3f}x)" if name == "smollm2" else f"{mean:.4f} ({100 * rel:+.2f})"
+                cells.append(f"{text + ('' if len(values) == len(seeds) else f' n{len(values)}'):>{width}}")
+            print(f"{mu:>5.2f}  " + "  ".join(cells))
+    print(f"\npruning time in dense forward passes over the calibration set (mean over every run found)")
+    for v in variants:
+        ratios = [r["prune_seconds"] / r["forward_seconds"] for (name_, mu, s), r in latest.items()
+                  if name_ == v and mu in mus and s in seeds]
+        if ratios:
+            print(f"  {v:>{width}}: {statistics.mean(ratios):.2f}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", choices=["minilm", "smollm2"])
+    p.add_argument("--mus", type=float, nargs="+")
+    p.add_argument("--variants", nargs="+", default=VARIANTS)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--table", action="store_true", help="only print the tables from the records on file")
+    p.add_argument("--samples", type=int, default=512, help="minilm: calibration examples")
+    p.add_argument("--nsamples", type=int, default=32, help="smollm2: calibration windows")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--eval_windows", type=int, default=40)
+    p.add_argument("--sets", nargs="+", default=["in_domain", "off_domain", "select"],
+                   help="smollm2: the perplexities to measure (select alone while choosing)")
+    args = p.parse_args()
+    mus = args.mus or ([0.2, 0.3, 0.4, 0.5, 0.7] if args.model == "minilm" else [0.95, 0.9, 0.8, 0.7])
+    torch.manual_seed(0)
+    if not args.table:
+        bench = (MiniLM if args.model == "minilm" else SmolLM2)(args)
+        metrics = "  ".join(f"{k} {v:.4f}" for k, v in bench.dense_metrics.items())
+        print(f"{args.model}: dense {metrics}; one dense forward pass over the calibration set "
+              f"{bench.forward_seconds:.1f} s", flush=True)
+        for mu in mus:
+            for variant in args.variants:
+                for seed in args.seeds:
+                    run(bench, variant, mu, seed)
+    tables(args.model, args.variants, mus, args.seeds)
+
+
+if __name__ == "__main__":
+    main()

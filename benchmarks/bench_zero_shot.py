@@ -27,23 +27,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from dataset.lm import AUSTEN_DIR, AUSTEN_EVAL  # noqa: E402
+from evaluate.zero_shot import write_choice_task  # noqa: E402
 from scripts.convert_smollm2 import DEFAULT_OUT, convert  # noqa: E402
 
 TASK = "austen_next"
-TASK_YAML = """task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
 
 
 def questions(text, count, seed=0):
@@ -70,10 +57,7 @@ def main():
     with open(os.path.join(AUSTEN_DIR, f"{AUSTEN_EVAL}.txt"), encoding="utf-8") as f:
         docs = questions(f.read(), args.questions)
     with tempfile.TemporaryDirectory(prefix="bench-zero-shot-") as folder:
-        with open(os.path.join(folder, "questions.jsonl"), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(doc) + "\n" for doc in docs)
-        with open(os.path.join(folder, "task.yaml"), "w", encoding="utf-8") as f:
-            f.write(TASK_YAML.format(task=TASK, data=os.path.join(folder, "questions.jsonl")))
+        write_choice_task(folder, TASK, docs)
         print(f"task {TASK}: {len(docs)} questions, e.g. {json.dumps(docs[0])}", flush=True)
         subprocess.run([sys.executable, os.path.join(ROOT, "prune_opt.py"), "--model_name", "smollm2-135m",
                         "--model_dir", model_dir, "--task", "austen", "--mu", args.mu, "--seed", "0", "--nsamples",

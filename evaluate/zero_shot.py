@@ -19,6 +19,30 @@ from utils.errors import UserError
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "lm_eval_worker.py")
 NUM_FEWSHOT = 0
+CHOICE_TASK_YAML = """task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def write_choice_task(folder, task, docs):
+    """A multiple-choice lm-eval task named `task` over `docs` ({"question", "choices", "label"}
+    each), written to `folder` as docs.jsonl and task.yaml: for --lm_eval_include_path folder."""
+    data = os.path.join(folder, "docs.jsonl")
+    with open(data, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(doc) + "\n" for doc in docs)
+    with open(os.path.join(folder, "task.yaml"), "w", encoding="utf-8") as f:
+        f.write(CHOICE_TASK_YAML.format(task=task, data=data))
 
 
 def run_worker(request):

@@ -28,24 +28,6 @@ from utils.cli import run_main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = "stat_tiny_choice"
 WORDS = "the a of and to in was her she he it his had you that with for not but be house garden letter".split()
-TASK_YAML = """task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +48,7 @@ def setup(tmp_path_factory):
                      "choices": choices, "label": r.randrange(len(choices))})
     tasks = root / "tasks"
     tasks.mkdir()
-    (tasks / "docs.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs))
-    (tasks / "task.yaml").write_text(TASK_YAML.format(task=TASK, data=tasks / "docs.jsonl"))
+    zero_shot.write_choice_task(str(tasks), TASK, docs)
     paths["tasks"], paths["docs"] = str(tasks), docs
     data = root / "text"
     data.mkdir()

@@ -143,22 +143,21 @@ class SquadTask:
     def calibration_sample(self, n, seed, sampler="distinct"):
         """n training features; needs no model, so a bad n fails before any model work.
 
-        with_replacement draws, as Kwon et al., among the features of the whole training set,
-        which are all made for it (about a minute for SQuAD's 88k questions); distinct among
-        those of a seeded random part of it (_some_train_features)."""
-        with_replacement = sampler == "with_replacement"
-        pool = self._all_train_features() if with_replacement else self._some_train_features(n, seed)
-        sample = squad.sample_calibration_features(pool, n, seed, sampler)
+        with_replacement draws, as Kwon et al., among the features of the whole training set:
+        the same draw as their labelled sample, which counts the features and makes only those
+        drawn; distinct among those of a seeded random part of it (_some_train_features)."""
+        if sampler == "with_replacement":
+            if n < 1:
+                raise UserError(f"the calibration sample size must be positive, got {n}")
+            sample = self.labelled_sample(n, seed)
+        else:
+            sample = squad.sample_calibration_features(self._some_train_features(n, seed), n, seed, sampler)
         sample.sort(key=lambda f: len(f["input_ids"]))
         return sample
 
     def batch_calibration(self, model, sample):
         return [accepted_inputs(model, squad.collate(chunk, self.tokenizer.pad_token_id))
                 for chunk in squad.batches(sample, self.batch_size)]
-
-    def _all_train_features(self):
-        print(f"featurising all {len(self.train)} training questions for the calibration draw ...")
-        return squad.prepare_train_features(self.train, self.tokenizer)
 
     def labelled_sample(self, n, seed):
         """Kwon et al.'s sample: n of all the training features (with the answers' start and

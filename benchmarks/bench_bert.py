@@ -94,7 +94,7 @@ def main():
                 knobs = protocol_settings(name)
                 method, allocation, calibration_mode = "stat", knobs["allocation"], knobs["calibration"]
                 sampler, split = knobs["sampler"], knobs["mac_split"]
-                scoring = {"score_fraction": knobs["score_fraction"]}
+                scoring = {"score_fraction": knobs["score_fraction"], "pricing": knobs["pricing"]}
             else:
                 method, allocation, calibration_mode, *scored = name.split("/")
                 sampler, split = "distinct", "exact"

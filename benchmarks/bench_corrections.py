@@ -9,11 +9,13 @@ self, no bias compensation, the ID's ridge, ID neuron errors):
   dense            --correction dense          res      --residual_correction
   bias             --bias_compensation existing   addbias  --bias_compensation add
   ridge=X          --correction_ridge X (a number or heldout)
+  idridge=X        --id_ridge X (a number or heldout)
   nerr             --neuron_errors output      magnitude  --method magnitude
   alloc=NAME       --allocation NAME           cal=NAME   --calibration NAME
   n=N              (smollm2) N calibration windows instead of --nsamples
   select=dense     the units chosen by pass 1's IDs on the dense model (stat_prune select_on)
   sf=X             --score_fraction X
+  price=NAME       --pricing NAME (insample, heldout)
 
 Every run reports the metric on the evaluation sets and on data held out of the training
 text, which is what defaults are chosen on (never the evaluation sets):
@@ -28,8 +30,9 @@ text, which is what defaults are chosen on (never the evaluation sets):
   overlaps.
 Pruning time is given in dense forward passes over the calibration set, measured in the same
 process (SmolLM2: measured once, with the dense scores, and kept in
-output/bench_corrections/smollm2-dense.pt). Each run is appended to output/bench_corrections/<model>.jsonl; `--table` prints the
-tables (mean over the seeds asked for) from that file without running anything.
+output/bench_corrections/smollm2-dense.pt), and in seconds. Each run is appended to
+output/bench_corrections/<model>.jsonl; `--table` prints the tables (mean over the seeds asked
+for) from that file without running anything.
 """
 import argparse
 import copy
@@ -63,7 +66,7 @@ VARIANTS = ["today", "magnitude", "dense", "dense+res", "bias", "ridge=heldout",
 
 def parse_variant(name):
     """stat_prune's keyword arguments (and the calibration size) of a variant name."""
-    target, residual, bias, add_bias, ridge = "self", False, False, False, None
+    target, residual, bias, add_bias, ridge, id_ridge = "self", False, False, False, None, 1e-8
     options, nsamples = {}, None
     for part in name.split("+"):
         key, _, value = part.partition("=")
@@ -79,6 +82,8 @@ def parse_variant(name):
             bias = add_bias = True
         elif key == "ridge":
             ridge = value if value == "heldout" else float(value)
+        elif key == "idridge":
+            id_ridge = value if value == "heldout" else float(value)
         elif part == "nerr":
             options["neuron_errors"] = "output"
         elif part == "magnitude":
@@ -91,11 +96,14 @@ def parse_variant(name):
             nsamples = int(value)
         elif key == "select":
             options["select_on"] = value
+        elif key == "price":
+            options["pricing"] = value
         elif key == "sf":
             options["score_fraction"] = float(value)
         else:
             raise SystemExit(f"unknown variant part {part!r}")
-    options["correction"] = Correction(target=target, residual=residual, bias=bias, add_bias=add_bias, ridge=ridge)
+    options["correction"] = Correction(target=target, residual=residual, bias=bias, add_bias=add_bias, ridge=ridge,
+                                        id_ridge=id_ridge)
     return options, nsamples
 
 
@@ -308,12 +316,13 @@ def tables(name, variants, mus, seeds):
                 text = f"{mean:.4f} ({rel:.3f}x)" if name == "smollm2" else f"{mean:.4f} ({100 * rel:+.2f})"
                 cells.append(f"{text + ('' if len(values) == len(seeds) else f' n{len(values)}'):>{width}}")
             print(f"{mu:>5.2f}  " + "  ".join(cells))
-    print(f"\npruning time in dense forward passes over the calibration set (mean over every run found)")
+    print("\npruning time in dense forward passes over the calibration set, and in seconds (mean over every "
+          "run found)")
     for v in variants:
-        ratios = [r["prune_seconds"] / r["forward_seconds"] for (name_, mu, s), r in latest.items()
-                  if name_ == v and mu in mus and s in seeds]
-        if ratios:
-            print(f"  {v:>{width}}: {statistics.mean(ratios):.2f}")
+        runs = [r for (name_, mu, s), r in latest.items() if name_ == v and mu in mus and s in seeds]
+        if runs:
+            ratio = statistics.mean(r["prune_seconds"] / r["forward_seconds"] for r in runs)
+            print(f"  {v:>{width}}: {ratio:.2f} ({statistics.mean(r['prune_seconds'] for r in runs):.0f} s)")
 
 
 def main():

@@ -100,7 +100,7 @@ def main():
             if variant in protocol.PROTOCOLS:
                 knobs = protocol.resolve(argparse.Namespace(protocol=variant), protocol.DECODER)
                 method, split = "stat", knobs["mac_split"]
-                options = {k: knobs[k] for k in ("allocation", "calibration", "score_fraction")}
+                options = {k: knobs[k] for k in ("allocation", "calibration", "score_fraction", "pricing")}
             else:
                 method, allocation = variant.split("/")
                 split, options = "exact", {"allocation": allocation}

@@ -201,7 +201,7 @@ def prune_and_report(args, knobs, device, model, adapter, windows, calib_batches
                                 sketch_rows=args.sketch, sketch_seed=args.seed, score_fraction=args.score_fraction,
                                 neuron_share=AUTHORS_NEURON_SHARE["decoder"] if args.mac_split == "authors" else None,
                                 store=store, correction=correction_of(args) if args.method == "stat" else SELF,
-                                neuron_errors=args.neuron_errors).allocation
+                                neuron_errors=args.neuron_errors, pricing=args.pricing).allocation
     prune_seconds = time.perf_counter() - start
     ppl_pruned = (perplexities(model, adapter, windows, device, args.batch_size, "pruned", store) if args.mu < 1
                   else ppl_dense)

@@ -101,7 +101,7 @@ def prune(args):
                             sketch_rows=args.sketch, sketch_seed=args.seed, score_fraction=args.score_fraction,
                             neuron_share=AUTHORS_NEURON_SHARE["encoder"] if args.mac_split == "authors" else None,
                             correction=correction_of(args) if args.method == "stat" else SELF,
-                            neuron_errors=args.neuron_errors)
+                            neuron_errors=args.neuron_errors, pricing=args.pricing)
 
     print("scoring the pruned model ...")
     pruned = task.evaluate(model, device)

@@ -7,7 +7,7 @@ from dataset.glue import SAMPLERS
 from efficiency.macs import MAC_SPLITS
 from pipelines import protocol
 from prune.allocation import ALLOCATORS
-from prune.stat import CALIBRATIONS, DENSE_TARGET_CALIBRATIONS, METHODS, NEURON_ERRORS
+from prune.stat import CALIBRATIONS, DENSE_TARGET_CALIBRATIONS, METHODS, NEURON_ERRORS, PRICINGS
 from prune.units import Correction
 from quantize.gptq import check_groupsize
 from utils.cli import ArgumentParser, existing_dir, fraction_value, mu_value, output_dir, positive_int, seed_value
@@ -63,7 +63,10 @@ CORRECTIONS = ("self", "dense")
 BIAS_COMPENSATIONS = ("off", "existing", "add")
 # the flags of the corrections beyond the paper (README, "Corrections beyond the paper"); all
 # of them are protocol knobs
-CORRECTION_FLAGS = ("correction", "residual_correction", "bias_compensation", "correction_ridge", "neuron_errors")
+CORRECTION_FLAGS = ("correction", "residual_correction", "bias_compensation", "correction_ridge", "id_ridge",
+                    "neuron_errors", "pricing")
+# the ones that shape the allocation only, which magnitude shares with stat
+ALLOCATION_FLAGS = ("neuron_errors", "pricing")
 
 
 def add_correction_arguments(p):
@@ -87,22 +90,37 @@ def add_correction_arguments(p):
                         "activations' Gram, shrinking them towards plain selection: id (paper, improved: the "
                         "ID's own, 1e-8 of the trace), a positive number, or heldout (chosen per block among "
                         "1e-6..10 by the error on every 4th calibration batch, fitted on the others)")
+    p.add_argument("--id_ridge", type=id_ridge_value, metavar="heldout|X",
+                   help="[protocol] ridge of the interpolative decompositions themselves, relative to the mean "
+                        "diagonal of the Gram: it changes which units are kept, their correction and pass 1's "
+                        "prices: a positive number (paper: 1e-8), or heldout (per block, once its number of "
+                        "units is known: chosen among 1e-6..10 by the error on every 4th calibration batch of "
+                        "the units kept and corrected on the others)")
     p.add_argument("--neuron_errors", choices=NEURON_ERRORS,
                    help="[protocol] how greedy and ffn_greedy price dropping neurons: id (paper, improved: the "
                         "error of the weight-scaled ID) or output (the error it leaves in the FFN's output, "
                         "as heads are priced)")
+    p.add_argument("--pricing", choices=PRICINGS,
+                   help="[protocol] what pass 1 prices each truncation on, for the allocation: insample (paper, "
+                        "improved: the calibration batches the IDs are fitted on) or heldout (every 4th batch, by "
+                        "the ID fitted on the others: the error a truncation leaves on data it was not fitted on; "
+                        "pass 1 then scores every batch)")
 
 
-def ridge_value(text):
-    if text in ("id", "heldout"):
+def ridge_value(text, name="correction ridge", words=("id", "heldout")):
+    if text in words:
         return text
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"correction ridge must be id, heldout or a positive number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{name} must be {', '.join(words)} or a positive number, got {text!r}")
     if not value > 0:
-        raise argparse.ArgumentTypeError(f"correction ridge must be positive, got {value}")
+        raise argparse.ArgumentTypeError(f"{name} must be positive, got {value}")
     return value
+
+
+def id_ridge_value(text):
+    return ridge_value(text, "ID ridge", ("heldout",))
 
 
 def check_stat_arguments(p, args, table):
@@ -114,11 +132,16 @@ def check_stat_arguments(p, args, table):
         return protocol.default(table, knob, args.protocol) if given is None else given
 
     if args.method == "magnitude":  # ranks by weight norms and never corrects (the allocation is STAT's)
-        given = [f"--{flag}" for flag in CORRECTION_FLAGS if flag != "neuron_errors" and getattr(args, flag) is not None]
+        given = [f"--{flag}" for flag in CORRECTION_FLAGS
+                 if flag not in ALLOCATION_FLAGS and getattr(args, flag) is not None]
         if given:
             p.error(f"{', '.join(given)} apply to --method stat, not magnitude")
+    if args.method != "kwon" and value("pricing") == "heldout" and args.score_fraction not in (None, 1.0):
+        p.error("--score_fraction: --pricing heldout scores pass 1 on every calibration batch")
     if args.method != "stat":
         return
+    if value("correction_ridge") == "heldout" and value("id_ridge") == "heldout":
+        p.error("--correction_ridge heldout and --id_ridge heldout: the held-out batches choose one ridge, not both")
     if value("residual_correction") and value("correction") != "dense":
         p.error("--residual_correction needs --correction dense")
     if value("correction") == "dense" and value("calibration") not in DENSE_TARGET_CALIBRATIONS:
@@ -131,16 +154,18 @@ def correction_of(args):
     """The prune.units.Correction that the (resolved) flags ask for."""
     return Correction(target=args.correction, residual=args.residual_correction,
                       bias=args.bias_compensation != "off", add_bias=args.bias_compensation == "add",
-                      ridge=None if args.correction_ridge == "id" else args.correction_ridge)
+                      ridge=None if args.correction_ridge == "id" else args.correction_ridge,
+                      id_ridge=args.id_ridge)
 
 
 def describe_correction(settings):
     """The correction knobs of a run ({flag: value}, or the flags), in words: e.g.
-    'correction dense + residual, bias existing, ridge heldout, neuron errors output'."""
+    'correction dense + residual, bias existing, ridge heldout, ID ridge 1e-08, neuron errors output,
+    pricing insample'."""
     get = settings.get if isinstance(settings, dict) else lambda key: getattr(settings, key)
     target = get("correction") + (" + residual" if get("residual_correction") else "")
     return (f"correction {target}, bias {get('bias_compensation')}, ridge {get('correction_ridge')}, "
-            f"neuron errors {get('neuron_errors')}")
+            f"ID ridge {get('id_ridge')}, neuron errors {get('neuron_errors')}, pricing {get('pricing')}")
 
 
 def add_sampler_argument(p):
@@ -173,7 +198,7 @@ def check_method_arguments(p, args, encoder=True):
     if args.method == "kwon":
         given = [f"--{flag}" for flag in STAT_ONLY_FLAGS if getattr(args, flag) != p.get_default(flag)]
         if given:
-            p.error(f"{', '.join(given)} apply to --method stat and magnitude, not kwon (kwon's sample: --num_samples)")
+            p.error(f"{', '.join(given)}: not used by --method kwon (it draws its own sample: --num_samples)")
     elif args.num_samples != p.get_default("num_samples"):
         p.error("--num_samples applies to --method kwon (stat and magnitude: --sample_batch_size)")
 

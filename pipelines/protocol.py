@@ -16,12 +16,13 @@ import copy
 PROTOCOLS = ("improved", "paper")
 
 # the corrections beyond the paper (README, "Corrections beyond the paper"): paper = the
-# authors' (each block reproduces its own output, no bias, the ID's ridge, ID neuron errors)
+# authors' (each block reproduces its own output, no bias, the ID's ridge 1e-8, ID neuron errors)
 CORRECTIONS = {
     "correction":     {"improved": "self",         "paper": "self"},
     "residual_correction": {"improved": False,     "paper": False},
     "bias_compensation": {"improved": "off",       "paper": "off"},
     "correction_ridge": {"improved": "id",         "paper": "id"},
+    "id_ridge":       {"improved": 1e-8,           "paper": 1e-8},
     "neuron_errors":  {"improved": "id",           "paper": "id"},
 }
 
@@ -33,6 +34,7 @@ ENCODER = {
     "score_fraction": {"improved": 0.25,           "paper": 1.0},
     "mac_split":      {"improved": "exact",        "paper": "authors"},
     "sampler":        {"improved": "distinct",     "paper": "with_replacement"},
+    "pricing":        {"improved": "insample",     "paper": "insample"},
     **CORRECTIONS,
 }
 
@@ -40,8 +42,9 @@ ENCODER = {
 DECODER = {
     "allocation":     {"improved": "ffn_greedy",   "paper": "faithful"},
     "calibration":    {"improved": "sequential",   "paper": "one_shot"},
-    "score_fraction": {"improved": 0.25,           "paper": 1.0},
+    "score_fraction": {"improved": 1.0,            "paper": 1.0},  # held-out pricing scores every batch
     "mac_split":      {"improved": "exact",        "paper": "authors"},
+    "pricing":        {"improved": "heldout",      "paper": "insample"},
     **CORRECTIONS,
 }
 CORPORA = {  # the same in both: the authors' and GPTQ's (`--task X` stands for X and X)

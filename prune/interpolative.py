@@ -23,9 +23,14 @@ from scipy.linalg import lapack
 RIDGE = 1e-8  # relative to the mean diagonal of G: keeps the factors defined for rank-deficient G
 
 
-def ridge_of(G):
+def ridge_of(G, relative=RIDGE):
+    """The absolute ridge: `relative` times the mean diagonal of G.
+
+    A larger relative ridge is a regularised ID: the coefficients solve the ridge regression of
+    the dropped columns on the kept ones, the greedy order favours columns that ridge cannot
+    explain, and errors() prices each truncation by that regression's objective."""
     mean_diagonal = float(torch.diagonal(G).mean())
-    return RIDGE * mean_diagonal if mean_diagonal > 0 else RIDGE
+    return relative * mean_diagonal if mean_diagonal > 0 else relative
 
 
 @dataclass
@@ -59,6 +64,30 @@ class Factor:
         ridge_part = self.ridge * torch.cat([_suffix_sums(column_sq), column_sq.new_zeros(1)])
         return _tail_norms(self.R @ W.T, ridge_part)
 
+    def heldout_gram(self, G_held):
+        """M = R⁻ᵀ G_held R⁻¹ for the Gram G_held of other rows of A (columns in the original
+        order): B = A_held R⁻¹ has BᵀB = M, and heldout_errors reads the ID's errors on those
+        rows off it."""
+        order = self.order.to(self.R.device)
+        G_held = G_held.to(device=self.R.device, dtype=torch.float64)[order][:, order]
+        X = torch.linalg.solve_triangular(self.R, G_held, upper=True, left=False)  # G_held R⁻¹
+        return torch.linalg.solve_triangular(self.R.T, X, upper=False)
+
+    def heldout_errors(self, M, W=None):
+        """[k] = Frobenius error that the ID fitted here (the first k columns kept, coefficients
+        R[:k,:k]⁻¹R[:k,k:]) leaves on other rows of A, given M = heldout_gram(their Gram);
+        with W, the error after the following linear map, as in output_errors. k = 0..n.
+
+        Writing the other rows as B R, the ID's residual on them is B[:, k:] R[k:, k:]
+        (R[k:, :k] = 0), whose squared norm is the sum over the trailing block [k:, k:] of
+        M ∘ N with N = R Rᵀ (or V Vᵀ with V = R Wᵀ, as R[k:, :] Wᵀ = R[k:, k:] W[:, dropped]ᵀ):
+        every k from one n × n product.
+        """
+        V = self.R if W is None else self.R @ W.detach().to(self.R)[:, self.order.to(self.R.device)].T
+        H = M * (V @ V.T)
+        tail = torch.flip(torch.cumsum(torch.flip(H, [0, 1]), 0).cumsum(1), [0, 1]).diagonal()
+        return torch.cat([tail, tail.new_zeros(1)]).clamp_min(0).sqrt()
+
     def coefficients(self, k):
         """T (k × (n−k)): A[:, order[k:]] ≈ A[:, order[:k]] T, least squares."""
         if k == 0 or k == self.n:
@@ -76,8 +105,8 @@ def _tail_norms(M, minus=0.0):
     return (torch.cat([tail, tail.new_zeros(1)]) - minus).clamp_min(0).sqrt()
 
 
-def pivoted_factor(G):
-    """Greedy column order and R factor of G (the pivoted QR of A, from G only).
+def pivoted_factor(G, relative_ridge=RIDGE):
+    """Greedy column order and R factor of G + ridge·I (the pivoted QR of A, from G only).
 
     LAPACK's dpstrf is the blocked pivoted Cholesky. With the ridge added every pivot is at
     least the ridge in exact arithmetic, so it is told to go on until then; should rounding
@@ -85,7 +114,7 @@ def pivoted_factor(G):
     columns left carry no information and get the factor of the ridge alone.
     """
     device = G.device
-    ridge = ridge_of(G)
+    ridge = ridge_of(G, relative_ridge)
     Gr = G.detach().to("cpu", torch.float64).numpy().copy()
     Gr[np.diag_indices_from(Gr)] += ridge
     # the lower factor L of a Fortran-ordered result is R = Lᵀ in C order: no copy to transpose
@@ -99,20 +128,20 @@ def pivoted_factor(G):
     return Factor(order=order, R=R.to(device), ridge=ridge)
 
 
-def ordered_factor(G, order):
-    """R factor of G with the columns in a given order (no pivoting): used when the order is
+def ordered_factor(G, order, relative_ridge=RIDGE):
+    """R factor of G + ridge·I with the columns in a given order (no pivoting): used when the order is
     chosen at a coarser level (whole heads) and the fit is on the individual dimensions."""
     G = G.double()
     order = order.to(G.device)
     Gp = G[order][:, order]
     eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-    ridge = ridge_of(G)
+    ridge = first = ridge_of(G, relative_ridge)
     for attempt in range(8):  # a rank-deficient G rounded to float32 may be slightly indefinite
         L, info = torch.linalg.cholesky_ex(Gp + ridge * eye)
         if int(info) == 0:
             if attempt:
                 warnings.warn(f"Gram matrix indefinite after rounding: ridge raised to {ridge:.2e} "
-                              f"({ridge / ridge_of(G):.0e} times the default)", RuntimeWarning, stacklevel=2)
+                              f"({ridge / first:.0e} times the one asked for)", RuntimeWarning, stacklevel=2)
             return Factor(order=order.cpu(), R=L.T.contiguous(), ridge=ridge)
         ridge *= 100
     raise ValueError("Gram matrix is not positive semi-definite (NaN or Inf in activations?)")

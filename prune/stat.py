@@ -19,6 +19,7 @@ the activations at the two cut points are reused: the kept units' outputs do not
 other units go, so the attention is run once per batch.
 """
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,8 +27,8 @@ import torch
 
 from prerequisites.layerwise import capture_inputs, each_layer
 from prune.allocation import ALLOCATORS, LayerScores
-from prune.interpolative import expand_groups
-from prune.units import SELF, Correction, MagnitudePruner, UnitPruner
+from prune.interpolative import RIDGE, expand_groups
+from prune.units import PRICE_FOLDS, SELF, Correction, MagnitudePruner, UnitPruner
 
 # every pruning method, the one list the flags offer: stat and magnitude run through
 # stat_prune below; kwon (Kwon et al. 2022) needs labelled batches and runs through
@@ -47,7 +48,12 @@ DENSE_TARGET_CALIBRATIONS = ("sequential", "dense_ffn")
 # how pass 1 prices dropping neurons for the knapsack allocators: the error of the scaled ID
 # ('id'), or the error it makes in the output of the FFN ('output', like the heads')
 NEURON_ERRORS = ("id", "output")
-HELDOUT_EVERY = 4  # Correction(ridge='heldout'): every 4th calibration batch judges the ridges
+# what pass 1's prices are measured on: the calibration batches the IDs are fitted on
+# ('insample'), or ('heldout') cross-validated: the batches in PRICE_FOLDS folds (batch b in
+# fold b mod 4), each priced by the ID fitted on the others: the error each truncation will
+# really leave on data it was not fitted on (pass 1 then scores every batch)
+PRICINGS = ("insample", "heldout")
+HELDOUT_EVERY = PRICE_FOLDS  # a 'heldout' ridge of the Correction: every 4th calibration batch judges it
 
 
 @dataclass
@@ -60,19 +66,20 @@ class PruneResult:
     ridges: list = field(default_factory=list)  # per layer, the ridges chosen for (attention, FFN), or None
 
 
-def attn_pruner(adapter, layer, sketch_rows=None, sketch_seed=0, correction=SELF):
+def attn_pruner(adapter, layer, sketch_rows=None, sketch_seed=0, correction=SELF, held_out_prices=False):
     """The UnitPruner of a layer's attention units (None when it has none left)."""
     if not adapter.n_attn_units(layer):
         return None
     return UnitPruner.attention(adapter.get(layer, adapter.attn_consumer), adapter.attn_unit_dims(), sketch_rows,
-                                sketch_seed, correction)
+                                sketch_seed, correction, held_out_prices)
 
 
-def neuron_pruner(adapter, layer, sketch_rows=None, sketch_seed=0, correction=SELF):
+def neuron_pruner(adapter, layer, sketch_rows=None, sketch_seed=0, correction=SELF, held_out_prices=False):
     """The UnitPruner of a layer's FFN neurons (None when it has none left)."""
     if not adapter.n_neurons(layer):
         return None
-    return UnitPruner.neurons(adapter.get(layer, adapter.ffn_consumer), sketch_rows, sketch_seed, correction)
+    return UnitPruner.neurons(adapter.get(layer, adapter.ffn_consumer), sketch_rows, sketch_seed, correction,
+                              held_out_prices)
 
 
 def layer_scores(attn, neurons, neuron_errors="id"):
@@ -87,37 +94,43 @@ def layer_scores(attn, neurons, neuron_errors="id"):
 
 def dense_correction(correction, prunes):
     """The correction of pass 1's pruners: on the dense model the inputs are the dense ones, so
-    the target is their own output; the ridge matters only when they prune (`prunes`: one_shot,
-    dense_ffn, ffn_then_attn), the constant column always (it changes the IDs)."""
+    the target is their own output; the refit's ridge and a held-out choice of the ID's matter
+    only when they prune (`prunes`: one_shot, dense_ffn, ffn_then_attn), the constant column
+    and a fixed ID ridge always (they change the IDs and their prices)."""
+    id_ridge = correction.id_ridge if prunes or correction.id_ridge != "heldout" else RIDGE
     return Correction(bias=correction.bias, add_bias=correction.add_bias,
-                      ridge=correction.ridge if prunes else None)
+                      ridge=correction.ridge if prunes else None, id_ridge=id_ridge)
 
 
 def held_out(b, correction):
-    """Whether calibration batch b only judges the ridges (Correction(ridge='heldout'))."""
-    return correction.ridge == "heldout" and b % HELDOUT_EVERY == HELDOUT_EVERY - 1
+    """Whether calibration batch b only judges a ridge (a Correction with a 'heldout' ridge)."""
+    return correction.holds_out and b % HELDOUT_EVERY == HELDOUT_EVERY - 1
 
 
 @torch.no_grad()
 def measure_dense(model, adapter, inputs, device, keep=(), sketch_rows=None, sketch_seed=0, ffn=True,
-                  progress=True, desc="pass 1: dense Grams", store=None, correction=SELF, neuron_errors="id"):
+                  progress=True, desc="pass 1: dense Grams", store=None, correction=SELF, neuron_errors="id",
+                  pricing="insample"):
     """Pass 1: every layer's pruners fed on the model as it is (dense, but for ffn_then_attn),
     and the scores they give; and the solved pruners of the blocks named in `keep` ("attn",
     "ffn"; the others None), to prune from these IDs. ffn=False: the attention's only.
-    correction: the run's; its target here is always the block's own output (dense_correction)."""
+    correction: the run's; its target here is always the block's own output (dense_correction).
+    pricing: PRICINGS."""
     scores, pruners = [], []
     correction = dense_correction(correction, bool(keep))
+    priced = pricing == "heldout"
     for _, layer in each_layer(model, adapter, device, store, desc=desc, progress=progress):
-        attn = attn_pruner(adapter, layer, sketch_rows, sketch_seed, correction)
-        neurons = neuron_pruner(adapter, layer, sketch_rows, sketch_seed, correction) if ffn else None
+        attn = attn_pruner(adapter, layer, sketch_rows, sketch_seed, correction, priced)
+        neurons = neuron_pruner(adapter, layer, sketch_rows, sketch_seed, correction, priced) if ffn else None
         for b, (x, extras, mask) in enumerate(zip(inputs.hidden, inputs.extras, inputs.masks)):
             context = adapter.attention_context(layer, x, extras)
+            fold = b % PRICE_FOLDS if priced else None  # the last fold is also a ridge choice's held-out part
             if attn:
-                attn.add_batch(context, mask, held_out=held_out(b, correction))
+                attn.add_batch(context, mask, held_out=held_out(b, correction), fold=fold)
             h = adapter.after_attention(layer, context, x)
             hidden = adapter.ffn_hidden(layer, h)
             if neurons:
-                neurons.add_batch(hidden, mask, held_out=held_out(b, correction))
+                neurons.add_batch(hidden, mask, held_out=held_out(b, correction), fold=fold)
             inputs.hidden[b] = adapter.after_ffn(layer, hidden, h)
         for pruner in (attn, neurons):
             if pruner:
@@ -275,7 +288,7 @@ def spread_subset(items, fraction):
 def stat_prune(model, adapter, batches, costs, mu, device, method="stat", allocation=None,
                calibration="sequential", weighting=None, sketch_rows=None, sketch_seed=0, score_fraction=0.25,
                neuron_share=None, progress=True, store=None, correction=SELF, neuron_errors="id",
-               select_on="pruned"):
+               select_on="pruned", pricing="insample"):
     """Prune `model` in place to at most μ of its attention and FFN MACs. Returns a PruneResult.
 
     costs: (MACs of one attention unit, MACs of one neuron), numbers (efficiency/macs.py).
@@ -296,6 +309,9 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     prune with pass 1's IDs see the dense model's inputs, where the 'self' and 'dense' targets
     agree (the dense target needs a calibration in DENSE_TARGET_CALIBRATIONS).
     neuron_errors: how pass 1 prices neurons for the knapsack allocators (NEURON_ERRORS).
+    pricing: what pass 1 prices on (PRICINGS); 'heldout' scores every batch (score_fraction
+    is not used), since its prices should be those of an ID fitted on about as much data as
+    pass 2's.
     select_on: 'pruned' (pass 2's IDs choose the units, on the activations of the pruned layers
     below) or 'dense' (pass 1's IDs on the dense model choose them; pass 2 fits the
     corrections; sequential calibration only).
@@ -312,6 +328,8 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
         raise ValueError(f"the dense correction target needs calibration {' or '.join(DENSE_TARGET_CALIBRATIONS)}")
     if select_on not in ("pruned", "dense") or (select_on == "dense" and calibration != "sequential"):
         raise ValueError(f"select_on must be 'pruned', or 'dense' with sequential calibration, not {select_on!r}")
+    if pricing not in PRICINGS:
+        raise ValueError(f"unknown pricing {pricing!r}: choose from {', '.join(PRICINGS)}")
     if neuron_errors not in NEURON_ERRORS:
         raise ValueError(f"unknown neuron errors {neuron_errors!r}: choose from {', '.join(NEURON_ERRORS)}")
     start = time.perf_counter()
@@ -322,9 +340,13 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
             "ffn_then_attn": ("ffn",)}[calibration] if method == "stat" else ()
     if method == "stat" and select_on == "dense":
         keep = ("attn", "ffn")
-    inputs = capture_inputs(model, adapter, batches if keep else spread_subset(batches, score_fraction), device)
+    if pricing == "heldout" and len(batches) < 2:
+        warnings.warn("held-out pricing needs at least 2 calibration batches: the prices are in-sample",
+                      RuntimeWarning, stacklevel=2)
+    every_batch = keep or pricing == "heldout"
+    inputs = capture_inputs(model, adapter, batches if every_batch else spread_subset(batches, score_fraction), device)
     scores, pruners = measure_dense(model, adapter, inputs, device, keep=keep, progress=progress, store=store,
-                                    correction=correction, neuron_errors=neuron_errors, **sketch)
+                                    correction=correction, neuron_errors=neuron_errors, pricing=pricing, **sketch)
     del inputs
     attn_cost, neuron_cost = costs
     options = {}

@@ -37,6 +37,7 @@ from prune.interpolative import RIDGE, expand_groups, group_gram, ordered_factor
 # compared in
 HELDOUT_RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)
 HELDOUT_DIRECTIONS = 64
+PRICE_FOLDS = 4  # held-out prices: cross-validated over 4 folds of the calibration batches
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,11 @@ class Correction:
       towards plain selection; None: the ID's own (interpolative.RIDGE); 'heldout': chosen
       per block among HELDOUT_RIDGES by how well the fit on the other batches reproduces the
       target on the batches fed with held_out=True.
+    id_ridge: the ridge of the ID itself, relative to the mean diagonal of the (scaled) Gram:
+      it changes which units are kept, the ID's coefficients and the prices of pass 1
+      (interpolative.RIDGE by default); 'heldout': chosen per block, once its number of units
+      is known, among HELDOUT_RIDGES by the held-out error of the pruned block, the units
+      chosen and the correction fitted anew for every candidate (pass 1 keeps the default).
     """
 
     target: str = "self"
@@ -61,6 +67,7 @@ class Correction:
     bias: bool = False
     add_bias: bool = False
     ridge: object = None
+    id_ridge: object = RIDGE
 
     def __post_init__(self):
         if self.target not in ("self", "dense"):
@@ -69,11 +76,25 @@ class Correction:
             raise ValueError("the residual correction needs the dense target")
         if not (self.ridge is None or self.ridge == "heldout" or float(self.ridge) > 0):
             raise ValueError(f"ridge must be positive, None or 'heldout', got {self.ridge!r}")
+        if not (self.id_ridge == "heldout" or float(self.id_ridge) > 0):
+            raise ValueError(f"id_ridge must be positive or 'heldout', got {self.id_ridge!r}")
+        if self.ridge == "heldout" and self.id_ridge == "heldout":
+            raise ValueError("the held-out batches choose one ridge: the refit's or the ID's, not both")
+
+    @property
+    def holds_out(self):
+        """Whether some calibration batches only judge a ridge (fed with held_out=True)."""
+        return "heldout" in (self.ridge, self.id_ridge)
+
+    @property
+    def relative_id_ridge(self):
+        """The ID's ridge when it is a number (the default while 'heldout' is still to choose)."""
+        return RIDGE if self.id_ridge == "heldout" else float(self.id_ridge)
 
     @property
     def classic(self):
         """The ID's own correction (no statistics beyond the Gram)."""
-        return self.target == "self" and self.ridge is None
+        return self.target == "self" and self.ridge is None and self.id_ridge != "heldout"
 
 
 SELF = Correction()
@@ -104,7 +125,7 @@ class UnitPruner:
     """
 
     def __init__(self, W, unit_dims=1, scale_by_weight=False, sketch_rows=None, sketch_seed=0, b=None,
-                 correction=SELF):
+                 correction=SELF, held_out_prices=False):
         self.W = W.detach().double()
         self.b = None if b is None else b.detach().double()
         self.unit_dims = unit_dims
@@ -114,27 +135,36 @@ class UnitPruner:
         self.constant = correction.bias and (b is not None or correction.add_bias)
         dims = W.shape[1]
         extra = dims * (correction.target == "dense") + W.shape[0] * correction.residual
-        # A′ with a column of ones last when there is a constant; [A, x − x′] beside it; a second
-        # Gram for the held-out batches only when they choose the ridge
+        # A′ with a column of ones last when there is a constant; [A, x − x′] beside it;
+        # one Gram per part of the calibration batches: with held-out prices PRICE_FOLDS folds
+        # (the last of which is the held-out part of a ridge choice), else the fitting part and,
+        # when the Correction chooses a ridge, the held-out one
+        parts = PRICE_FOLDS if held_out_prices else 1 + correction.holds_out
         self.grams = [Gram(dims + self.constant, W.device, sketch_rows, sketch_seed + part, extra=extra)
-                      for part in range(1 + (correction.ridge == "heldout"))]
-        self.order = self.factor = self.dim_scale = self.fit = self.heldout = None
-        self.chosen_ridge = None
+                      for part in range(parts)]
+        # held_out_prices: errors() and output_errors() are cross-validated: each fold priced by
+        # the ID fitted on the other folds, the squared errors summed over the folds
+        self.held_out_prices = held_out_prices
+        self.prices = None
+        self.order = self.factor = self.dim_scale = self.fit = self.heldout = self.given_order = None
+        self.chosen_ridge = None  # the ridge a held-out choice took (the refit's or the ID's)
 
     @classmethod
-    def neurons(cls, linear, sketch_rows=None, sketch_seed=0, correction=SELF):
+    def neurons(cls, linear, sketch_rows=None, sketch_seed=0, correction=SELF, held_out_prices=False):
         return cls(linear.weight, 1, scale_by_weight=True, sketch_rows=sketch_rows, sketch_seed=sketch_seed,
-                   b=linear.bias, correction=correction)
+                   b=linear.bias, correction=correction, held_out_prices=held_out_prices)
 
     @classmethod
-    def attention(cls, linear, unit_dims, sketch_rows=None, sketch_seed=0, correction=SELF):
+    def attention(cls, linear, unit_dims, sketch_rows=None, sketch_seed=0, correction=SELF, held_out_prices=False):
         return cls(linear.weight, unit_dims, scale_by_weight=False, sketch_rows=sketch_rows, sketch_seed=sketch_seed,
-                   b=linear.bias, correction=correction)
+                   b=linear.bias, correction=correction, held_out_prices=held_out_prices)
 
-    def add_batch(self, A, mask=None, A_dense=None, residual=None, held_out=False):
+    def add_batch(self, A, mask=None, A_dense=None, residual=None, held_out=False, fold=None):
         """A: (..., n·unit_dims) inputs of the consumer; mask: (...) bool, True for real tokens;
         A_dense: the dense model's inputs of the consumer (target 'dense'); residual: x − x′
-        (residual correction); held_out: the batch only judges the ridges (ridge 'heldout')."""
+        (residual correction); held_out: the batch only judges the ridges (ridge 'heldout');
+        fold: with held-out prices, the fold of the batch (0..PRICE_FOLDS−1; the last one is
+        the held-out part of a ridge choice)."""
         if (A_dense is None) == (self.correction.target == "dense"):
             raise ValueError("A_dense is needed with the dense target, and only then")
         if (residual is None) == self.correction.residual:
@@ -142,41 +172,81 @@ class UnitPruner:
         if self.constant:
             A = torch.cat([A, A.new_ones(*A.shape[:-1], 1)], dim=-1)
         others = [t for t in (A_dense, residual) if t is not None]
-        if held_out and len(self.grams) == 1:
-            raise ValueError("held-out batches judge the ridge only with Correction(ridge='heldout')")
-        self.grams[bool(held_out)].add_batch(A, mask, torch.cat(others, dim=-1) if others else None)
+        if (held_out and len(self.grams) == 1) or (fold is not None and not self.held_out_prices):
+            raise ValueError("held-out batches only judge a ridge chosen by the Correction ('heldout') or the prices")
+        part = fold if fold is not None else (len(self.grams) - 1 if held_out else 0)
+        self.grams[part].add_batch(A, mask, torch.cat(others, dim=-1) if others else None)
 
     def solve(self, order=None):
         """Order the units once, and keep what the refits need (the Grams are freed).
 
         order: the units' order decided elsewhere (the dense model's ID), else the ID's own."""
-        fit = self.grams[0].products
-        held_out = self.grams[1].products if len(self.grams) > 1 and self.grams[1].rows else None
+        parts = [g.products for g in self.grams if g.rows]
+        fit = sum(parts[:-1]) if len(parts) > 1 else parts[0] if parts else self.grams[0].products
+        held_out = parts[-1] if len(parts) > 1 else None
         self.grams = None
-        if held_out is not None and self.correction.ridge == "heldout":
+        if held_out is not None and self.correction.holds_out:
             self.heldout = (self._statistics(fit), self._statistics(held_out))
-        total = self._statistics(fit if held_out is None else fit + held_out)
+        total = self._statistics(fit if held_out is None else fit + held_out)  # every part
         G = total.G if self.correction.classic else total.G.clone()
         if self.scale_by_weight:
             scale = self.W.norm(dim=0).to(G.device)
             G *= scale[:, None]
             G *= scale[None, :]  # in place: a Gram is the largest matrix here
             self.dim_scale = scale
+        relative_ridge = self.correction.relative_id_ridge
         if order is not None:
-            self.order = order.cpu()
-            self.factor = ordered_factor(G, expand_groups(self.order, self.unit_dims))
+            self.order = self.given_order = order.cpu()
+            self.factor = ordered_factor(G, expand_groups(self.order, self.unit_dims), relative_ridge)
         elif self.scale_by_weight:
-            self.factor = pivoted_factor(G)
+            self.factor = pivoted_factor(G, relative_ridge)
             self.order = self.factor.order
         else:
-            self.order = pivoted_factor(group_gram(G, self.unit_dims)).order
-            self.factor = ordered_factor(G, expand_groups(self.order, self.unit_dims))
+            self.order = self._order(G, relative_ridge)
+            self.factor = ordered_factor(G, expand_groups(self.order, self.unit_dims), relative_ridge)
         del G
+        if self.held_out_prices and len(parts) > 1:
+            self.prices = self._cross_validated_prices(parts)
         if not self.correction.classic:
             self.fit = total
         elif self.constant:
             self.fit = Statistics(None, None, total.mean, total.target_mean)
         return self
+
+    def _order(self, G, relative_ridge):
+        """The units in the order the ID of G (scaled for neurons) keeps them."""
+        if self.given_order is not None:
+            return self.given_order
+        if self.scale_by_weight:
+            return pivoted_factor(G, relative_ridge).order
+        return pivoted_factor(group_gram(G, self.unit_dims), relative_ridge).order
+
+    def _cross_validated_prices(self, parts):
+        """(errors, output errors) per truncation, cross-validated over the folds `parts`
+        (their products): each fold gets the error that the ID fitted on the other folds
+        leaves on it; the squared errors add up over the folds."""
+        total = sum(parts)
+        errors = output_errors = 0.0
+        relative_ridge = self.correction.relative_id_ridge
+        for part in parts:
+            G_fit, G_held = (self._scaled(self._statistics(M).G) for M in (total - part, part))
+            with warnings.catch_warnings():  # a raised ridge is reported once, by the factor of all the folds
+                warnings.simplefilter("ignore", RuntimeWarning)
+                if self.scale_by_weight:
+                    factor = pivoted_factor(G_fit, relative_ridge)
+                else:
+                    factor = ordered_factor(G_fit, expand_groups(self._order(G_fit, relative_ridge), self.unit_dims),
+                                            relative_ridge)
+            M = factor.heldout_gram(G_held)
+            errors = errors + factor.heldout_errors(M) ** 2
+            output_errors = output_errors + factor.heldout_errors(M, self._output_weight())[:: self.unit_dims] ** 2
+        return errors.sqrt(), output_errors.sqrt()
+
+    def _scaled(self, G):
+        """G as the ID sees it: a copy, scaled by the weight norms for neurons."""
+        if self.dim_scale is None:
+            return G
+        return G * self.dim_scale[:, None] * self.dim_scale[None, :]
 
     def _statistics(self, M):
         """G′ and P = A′ᵀY from the accumulated products M = A′ᵀ[A′ (1) A (x − x′)], centred
@@ -202,17 +272,26 @@ class UnitPruner:
             P = P[:dims] - count * torch.outer(mean, target_mean)
         return Statistics(G, P, mean, target_mean)
 
+    def _output_weight(self):
+        """W in the columns the ID was taken on (divided by the neuron scaling)."""
+        return self.W if self.dim_scale is None else self.W / torch.where(self.dim_scale > 0, self.dim_scale, 1)
+
     def output_errors(self):
-        """[i] = ‖(ID residual) W_droppedᵀ‖_F when the best i units are kept, i = 0..n."""
-        W = self.W if self.dim_scale is None else self.W / torch.where(self.dim_scale > 0, self.dim_scale, 1)
-        return self.factor.output_errors(W)[:: self.unit_dims].cpu().numpy()
+        """[i] = ‖(ID residual) W_droppedᵀ‖_F when the best i units are kept, i = 0..n (held out
+        with held_out_prices)."""
+        if self.prices is not None:
+            return self.prices[1].cpu().numpy()
+        return self.factor.output_errors(self._output_weight())[:: self.unit_dims].cpu().numpy()
 
     def pivots(self):
         """What each successive unit of the (scaled) ID adds, non-increasing."""
         return self.factor.pivots().cpu().numpy()
 
     def errors(self):
-        """[k] = error of the (scaled) ID that keeps the first k columns, k = 0..n."""
+        """[k] = error of the (scaled) ID that keeps the first k columns, k = 0..n (held out with
+        held_out_prices)."""
+        if self.prices is not None:
+            return self.prices[0].cpu().numpy()
         return self.factor.errors().cpu().numpy()
 
     def coefficients(self, k):
@@ -234,6 +313,8 @@ class UnitPruner:
         order = self.order.cpu()
         if k == self.n and self.correction.target == "self":  # nothing dropped: nothing to correct
             return order.sort().values, self.W, None
+        if self.correction.id_ridge == "heldout" and self.heldout is not None and 0 < k < self.n:
+            order = self._choose_id_ridge(k)
         if self.correction.classic:
             kept, W_new = keep_units(self.W, order, self.unit_dims, k, self.coefficients(k))
         else:
@@ -247,13 +328,40 @@ class UnitPruner:
         b = self.b if self.b is not None else self.W.new_zeros(self.W.shape[0])
         return kept, W_new, b + self.fit.target_mean - W_new @ self.fit.mean[dims]
 
+    def _choose_id_ridge(self, k):
+        """The ID's ridge for keeping k units, chosen among HELDOUT_RIDGES: for each, the units
+        the ID of the fitting batches keeps, refitted on them, judged by the error left on the
+        held-out batches (in HELDOUT_DIRECTIONS random output directions). Returns the order
+        of the units under the chosen ridge, on all batches."""
+        fit, held_out = self.heldout
+        G_fit = self._scaled(fit.G)
+        directions = random_directions(self.W.shape[0], HELDOUT_DIRECTIONS, self.W.dtype, self.W.device)
+        errors = []
+        for alpha in HELDOUT_RIDGES:
+            kept = self._order(G_fit, alpha)[:k].sort().values
+            dims = expand_groups(kept, self.unit_dims).to(self.W.device)
+            (G, P), (G_h, P_h) = (_restricted(s, dims) for s in (fit, held_out))
+            W0t = self.W[:, dims].T
+            if directions is not None:
+                P, P_h, W0t = P @ directions, P_h @ directions, W0t @ directions
+            Wt = ridge_fit(G, P, W0t.T, self._refit_ridge(alpha)).T
+            errors.append(heldout_error(G_h, P_h, Wt))
+        del G_fit
+        self.chosen_ridge = HELDOUT_RIDGES[min(range(len(errors)), key=errors.__getitem__)]
+        return self._order(self._scaled(self.fit.G), self.chosen_ridge)
+
+    def _refit_ridge(self, id_ridge):
+        """The refit's ridge: the correction's number, else the ID's (its coefficients' ridge)."""
+        return id_ridge if self.correction.ridge is None else float(self.correction.ridge)
+
     def _refit(self, dims):
         W_kept = self.W[:, dims]
         if len(dims) == 0:
             return W_kept
         alpha = self.correction.ridge
         if alpha is None:
-            alpha = RIDGE
+            alpha = self.chosen_ridge if self.correction.id_ridge == "heldout" and self.chosen_ridge \
+                else self.correction.relative_id_ridge
         elif alpha == "heldout":
             alpha = RIDGE if self.heldout is None else choose_ridge(
                 *(_restricted(s, dims) for s in self.heldout), W_kept, HELDOUT_RIDGES, HELDOUT_DIRECTIONS)
@@ -323,15 +431,27 @@ def choose_ridge(fit, held_out, W0, alphas, directions=None, seed=0):
     """
     (G, P), (G_h, P_h) = fit, held_out
     W0t = W0.T
-    if directions is not None and directions < P.shape[1]:
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        omega = torch.randn(P.shape[1], directions, generator=generator, dtype=P.dtype).to(P.device)
+    omega = random_directions(P.shape[1], directions, P.dtype, P.device, seed) if directions else None
+    if omega is not None:
         P, P_h, W0t = P @ omega, P_h @ omega, W0t @ omega
-    errors = []
-    for alpha in alphas:
-        Wt = ridge_fit(G, P, W0t.T, alpha).T
-        errors.append(float((Wt * (G_h @ Wt)).sum() - 2 * (Wt * P_h).sum()))
+    errors = [heldout_error(G_h, P_h, ridge_fit(G, P, W0t.T, alpha).T) for alpha in alphas]
     return alphas[min(range(len(alphas)), key=errors.__getitem__)]
+
+
+def random_directions(out, count, dtype, device, seed=0):
+    """`count` seeded Gaussian directions of an output space of size `out` (out × count), or
+    None when there are not more outputs than that: errors compared in them are an unbiased
+    estimate of the errors in the whole space, at a fraction of the cost."""
+    if count >= out:
+        return None
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(out, count, generator=generator, dtype=dtype).to(device)
+
+
+def heldout_error(G_h, P_h, Wt):
+    """‖A_h Wt − Y_h‖² − ‖Y_h‖² from G_h = A_hᵀA_h and P_h = A_hᵀY_h (the constant dropped: it
+    is the same for every candidate)."""
+    return float((Wt * (G_h @ Wt)).sum() - 2 * (Wt * P_h).sum())
 
 
 class MagnitudePruner:

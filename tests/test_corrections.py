@@ -17,7 +17,7 @@ from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import load_model, save_pruned
 from prerequisites.layerwise import capture_inputs
 from prune.stat import prune_sequential, stat_prune
-from prune.units import Correction, UnitPruner, choose_ridge, ridge_fit
+from prune.units import HELDOUT_RIDGES, Correction, UnitPruner, choose_ridge, ridge_fit
 
 
 class Recorder:
@@ -203,6 +203,164 @@ def test_choose_ridge_picks_what_explicit_held_out_errors_pick():
     assert torch.allclose(ridge_fit(*fit, t(W0), 1e9), t(W0), atol=1e-6)
 
 
+def greedy_order(G):
+    """Columns in the order a pivoted Cholesky of G takes them (the largest residual diagonal
+    first, then its Schur complement), written out the slow way."""
+    R = G.copy()
+    order, left = [], list(range(len(G)))
+    while left:
+        j = max(left, key=lambda i: R[i, i])
+        order.append(j)
+        left.remove(j)
+        R = R - np.outer(R[:, j], R[j, :]) / R[j, j]
+    return order
+
+
+def ridge_id_reference(A, W, k, alpha):
+    """The ID of A·diag(‖W_j‖) with a ridge of alpha × its mean diagonal, in numpy: the greedy
+    order of the ridged scaled Gram, the ridge-regression coefficients of the dropped scaled
+    columns on the kept ones, unscaled and folded into the kept columns of W."""
+    s = np.linalg.norm(W, axis=0)
+    G = (A * s).T @ (A * s)
+    lam = alpha * np.trace(G) / len(G)
+    order = greedy_order(G + lam * np.eye(len(G)))
+    J, D = order[:k], order[k:]
+    T = np.linalg.solve(G[np.ix_(J, J)] + lam * np.eye(k), G[np.ix_(J, D)])
+    T = s[J][:, None] * T / s[D][None, :]
+    W_new = W[:, J] + W[:, D] @ T.T
+    return np.sort(J), W_new[:, np.argsort(J)]
+
+
+def test_a_fixed_id_ridge_is_the_ridge_regularised_id():
+    rng = np.random.default_rng(7)
+    A = rng.standard_normal((60, 12)) @ rng.standard_normal((12, 12))
+    W = rng.standard_normal((5, 12))
+    for alpha in (1e-8, 0.3):
+        pruner = UnitPruner.neurons(torch.nn.Linear(12, 5, bias=False).requires_grad_(False),
+                                    correction=Correction(id_ridge=alpha))
+        pruner.W = torch.from_numpy(W)
+        A32 = torch.from_numpy(A).float()
+        pruner.add_batch(A32)
+        kept, W_new, _ = pruner.solve().prune(7)
+        J, W_expected = ridge_id_reference(A32.double().numpy(), W, 7, alpha)
+        assert kept.tolist() == J.tolist()
+        np.testing.assert_allclose(W_new.numpy(), W_expected, rtol=1e-4, atol=1e-6)
+    # the ridge changes the kept set on this data: the test tells the two apart
+    assert ridge_id_reference(A, W, 7, 1e-8)[0].tolist() != ridge_id_reference(A, W, 7, 0.3)[0].tolist()
+
+
+def test_heldout_id_ridge_picks_what_explicit_held_out_errors_pick():
+    """--id_ridge heldout: for every candidate ridge the units are chosen anew on the fitting
+    batches and refitted; the choice is the candidate whose block reproduces the held-out
+    batches' output best; the units and weights are then those of that ridge on all batches."""
+    rng = np.random.default_rng(8)
+    n, out, k = 16, 6, 6
+    mixing = rng.standard_normal((n, n))
+    batches = [torch.from_numpy(rng.standard_normal((12, n)) @ mixing + 0.3 * rng.standard_normal((12, n))).float()
+               for _ in range(8)]
+    W = rng.standard_normal((out, n))
+    pruner = UnitPruner.neurons(torch.nn.Linear(n, out, bias=False).requires_grad_(False),
+                                correction=Correction(id_ridge="heldout"))
+    pruner.W = torch.from_numpy(W)
+    for b, A in enumerate(batches):
+        pruner.add_batch(A, held_out=b % 4 == 3)
+    kept, W_new, _ = pruner.solve().prune(k)
+
+    A_fit = torch.cat([A for b, A in enumerate(batches) if b % 4 != 3]).double().numpy()
+    A_h = torch.cat([A for b, A in enumerate(batches) if b % 4 == 3]).double().numpy()
+    A_all = torch.cat(batches).double().numpy()
+
+    def units_and_weights(A, alpha):
+        s = np.linalg.norm(W, axis=0)
+        Gs = (A * s).T @ (A * s)
+        J = np.sort(greedy_order(Gs + alpha * np.trace(Gs) / n * np.eye(n))[:k])
+        G = A[:, J].T @ A[:, J]
+        lam = alpha * np.trace(G) / k
+        W_J = np.linalg.solve(G + lam * np.eye(k), A[:, J].T @ (A @ W.T) + lam * W[:, J].T).T
+        return J, W_J
+
+    errors, kept_sets = [], set()
+    for alpha in HELDOUT_RIDGES:
+        J, W_J = units_and_weights(A_fit, alpha)
+        kept_sets.add(tuple(J))
+        errors.append(np.linalg.norm(A_h[:, J] @ W_J.T - A_h @ W.T))
+    best = HELDOUT_RIDGES[int(np.argmin(errors))]
+    assert len(kept_sets) > 1  # the candidates do keep different units here
+    assert best not in (HELDOUT_RIDGES[0], HELDOUT_RIDGES[-1])  # and neither edge wins
+    assert pruner.chosen_ridge == best
+    J, W_J = units_and_weights(A_all, best)
+    assert kept.tolist() == J.tolist()
+    np.testing.assert_allclose(W_new.numpy(), W_J, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("unit_dims", [1, 2])
+def test_held_out_prices_are_cross_validated_errors_of_the_id(unit_dims):
+    """--pricing heldout: pass 1 prices each truncation by cross-validation over 4 folds of
+    the batches: each fold gets the error that the ID fitted on the other three leaves on it
+    (neurons: the weight-scaled ID; attention units: whole units); checked against residuals
+    formed explicitly."""
+    rng = np.random.default_rng(9)
+    n, out = 12, 5
+    mixing = rng.standard_normal((n, n))
+    batches = [torch.from_numpy(rng.standard_normal((10, n)) @ mixing).float() for _ in range(8)]
+    linear = torch.nn.Linear(n, out, bias=False).requires_grad_(False)
+    make = UnitPruner.neurons if unit_dims == 1 else lambda lin, **kw: UnitPruner.attention(lin, unit_dims, **kw)
+    pruner = make(linear, held_out_prices=True)
+    for b, A in enumerate(batches):
+        pruner.add_batch(A, fold=b % 4)
+    pruner.solve()
+
+    W = linear.weight.double().numpy()
+    s = np.linalg.norm(W, axis=0) if unit_dims == 1 else np.ones(n)
+    W_s = W / s
+    squared, output_squared = np.zeros(n + 1), np.zeros(n // unit_dims + 1)
+    for fold in range(4):
+        S_fit = torch.cat([A for b, A in enumerate(batches) if b % 4 != fold]).double().numpy() * s
+        S_h = torch.cat([A for b, A in enumerate(batches) if b % 4 == fold]).double().numpy() * s
+        G = S_fit.T @ S_fit
+        if unit_dims == 1:
+            order = greedy_order(G)
+        else:
+            units = greedy_order(G.reshape(n // 2, 2, n // 2, 2).trace(axis1=1, axis2=3))
+            order = [2 * u + d for u in units for d in range(2)]
+        for k in range(n + 1):
+            J, D = order[:k], order[k:]
+            T = np.linalg.lstsq(S_fit[:, J], S_fit[:, D], rcond=None)[0] if k else np.zeros((0, len(D)))
+            E = S_h[:, D] - S_h[:, J] @ T
+            squared[k] += np.linalg.norm(E) ** 2
+            if k % unit_dims == 0:
+                output_squared[k // unit_dims] += np.linalg.norm(E @ W_s[:, D].T) ** 2
+    scale = np.sqrt(squared[0])
+    np.testing.assert_allclose(pruner.errors(), np.sqrt(squared), rtol=1e-4, atol=1e-6 * scale)
+    np.testing.assert_allclose(pruner.output_errors(), np.sqrt(output_squared), rtol=1e-4, atol=1e-6 * scale)
+
+
+def test_held_out_pricing_scores_every_batch_and_prunes():
+    model = tiny.bert(layers=2)
+    adapter = adapter_for(model)
+    batches = tiny.random_batches(n_batches=8)
+    result = stat_prune(model, adapter, batches, adapter_costs(adapter, 12), 0.5, "cpu", progress=False,
+                        pricing="heldout")
+    in_sample = stat_prune(tiny.bert(layers=2), adapter_for(model), batches, adapter_costs(adapter, 12), 0.5, "cpu",
+                           progress=False, score_fraction=1.0)
+    for got, fitted in zip(result.scores, in_sample.scores):  # other prices, on the same batches
+        assert len(got.neuron_errors) == len(fitted.neuron_errors)
+        assert not np.allclose(got.neuron_errors, fitted.neuron_errors)
+        assert np.allclose(got.neuron_pivots, fitted.neuron_pivots)  # the pivots: of all the rows, as before
+    assert torch.isfinite(tiny.logits(model, batches)).all()
+
+
+def test_heldout_id_ridge_prunes_a_model_and_records_its_choices():
+    model = tiny.llama()
+    adapter = adapter_for(model)
+    batches = tiny.random_batches(n_batches=8, pad=False)
+    result = stat_prune(model, adapter, batches, adapter_costs(adapter, 12), 0.6, "cpu", allocation="greedy",
+                        progress=False, correction=Correction(id_ridge="heldout"))
+    chosen = [r for pair in result.ridges for r in pair if r is not None]
+    assert chosen and set(chosen) <= set(HELDOUT_RIDGES)
+    assert torch.isfinite(tiny.logits(model, batches)).all()
+
+
 def test_heldout_ridge_prunes_and_records_its_choices():
     model = tiny.bert(layers=2)
     adapter = adapter_for(model)
@@ -242,9 +400,17 @@ def test_an_added_bias_reloads_with_plain_from_pretrained(tmp_path):
      "--correction dense needs --calibration sequential or dense_ffn, not ffn_then_attn (the paper protocol's)"),
     (prune_opt, ["--method", "magnitude", "--bias_compensation", "existing"],
      "--bias_compensation apply to --method stat, not magnitude"),
-    (prune_bert, ["--method", "kwon", "--correction_ridge", "heldout"], "--correction_ridge apply to --method stat"),
+    (prune_bert, ["--method", "kwon", "--correction_ridge", "heldout"],
+     "--correction_ridge: not used by --method kwon"),
     (prune_opt, ["--correction_ridge", "-1"], "correction ridge must be positive"),
     (prune_opt, ["--correction_ridge", "big"], "correction ridge must be id, heldout or a positive number"),
+    (prune_opt, ["--id_ridge", "0"], "ID ridge must be positive"),
+    (prune_bert, ["--id_ridge", "id"], "ID ridge must be heldout or a positive number"),
+    (prune_opt, ["--id_ridge", "heldout", "--correction_ridge", "heldout"],
+     "the held-out batches choose one ridge, not both"),
+    (prune_bert, ["--method", "magnitude", "--id_ridge", "0.1"], "--id_ridge apply to --method stat"),
+    (prune_opt, ["--score_fraction", "0.25"], "--score_fraction: --pricing heldout scores pass 1 on every"),
+    (prune_bert, ["--pricing", "heldout", "--score_fraction", "0.5"], "--pricing heldout scores pass 1 on every"),
 ])
 def test_correction_flags_that_cannot_work_are_one_line_errors(script, argv, expected, capsys):
     base = ["--model_name", "m", "--mu", "0.5"] + (["--task_name", "t"] if script is prune_bert else [])
@@ -260,11 +426,15 @@ def test_correction_flags_resolve_from_the_protocol_and_win_over_it():
 
     args = prune_opt.parse_args(["--model_name", "m", "--mu", "0.5", "--protocol", "paper", "--calibration",
                                  "sequential", "--correction", "dense", "--residual_correction",
-                                 "--correction_ridge", "0.1"])
+                                 "--correction_ridge", "0.1", "--pricing", "heldout", "--id_ridge", "0.01"])
     knobs = protocol.resolve(args, protocol.DECODER)
+    assert (knobs["pricing"], knobs["id_ridge"]) == ("heldout", 0.01)
     assert (knobs["correction"], knobs["residual_correction"], knobs["correction_ridge"]) == ("dense", True, 0.1)
     assert (knobs["bias_compensation"], knobs["neuron_errors"]) == ("off", "id")  # the paper's, not given
-    assert correction_of(args) == Correction(target="dense", residual=True, ridge=0.1)
+    assert correction_of(args) == Correction(target="dense", residual=True, ridge=0.1, id_ridge=0.01)
+    magnitude = prune_bert.parse_args(["--model_name", "m", "--task_name", "t", "--mu", "0.5", "--method",
+                                       "magnitude", "--pricing", "heldout"])  # its allocation is STAT's
+    assert magnitude.pricing == "heldout"
     paper = prune_bert.parse_args(["--model_name", "m", "--task_name", "t", "--mu", "0.5", "--protocol", "paper"])
     protocol.resolve(paper, protocol.ENCODER)
     assert correction_of(paper) == Correction()  # the authors' correction: the ID's own

@@ -5,7 +5,7 @@ import scipy.linalg
 import torch
 
 from prune.gram import Gram
-from prune.interpolative import (expand_groups, group_gram, ordered_factor, pivoted_factor)
+from prune.interpolative import expand_groups, group_gram, ordered_factor, pivoted_factor
 
 
 def low_rank_plus_noise(m, n, rank, noise, seed):
@@ -105,3 +105,33 @@ def test_count_sketch_is_unbiased():
     mean = torch.stack(estimates).mean(0)
     assert torch.linalg.norm(mean - exact) < 0.05 * torch.linalg.norm(exact)
     assert torch.linalg.norm(estimates[0] - exact) > 1e-3 * torch.linalg.norm(exact)  # it does sketch
+
+
+@pytest.mark.parametrize("ill_conditioned", [False, True])
+def test_heldout_errors_are_the_ids_errors_on_other_rows(ill_conditioned):
+    """The ID fitted on A (every truncation k) applied to other rows A_h: the error it leaves,
+    and that error after a linear map W, against the residuals formed explicitly."""
+    rng = np.random.default_rng(11)
+    n = 9
+    mixing = rng.standard_normal((n, n))
+    if ill_conditioned:
+        mixing[:, -3:] = mixing[:, :3] + 1e-6 * rng.standard_normal((n, 3))
+    A, A_h = rng.standard_normal((50, n)) @ mixing, rng.standard_normal((30, n)) @ mixing
+    W = rng.standard_normal((4, n))
+    factor = pivoted_factor(torch.from_numpy(A.T @ A))
+    M = factor.heldout_gram(torch.from_numpy(A_h.T @ A_h))
+    got = factor.heldout_errors(M).numpy()
+    got_out = factor.heldout_errors(M, torch.from_numpy(W))
+    order = factor.order.numpy()
+    for k in range(n + 1):
+        J, D = order[:k], order[k:]
+        T = factor.coefficients(k).numpy()
+        E = A_h[:, D] - A_h[:, J] @ T
+        scale = np.linalg.norm(A_h)
+        assert got[k] == pytest.approx(np.linalg.norm(E), rel=1e-6, abs=1e-9 * scale)
+        assert float(got_out[k]) == pytest.approx(np.linalg.norm(E @ W[:, D].T), rel=1e-6, abs=1e-9 * scale)
+    # on the rows it was fitted on, it is the in-sample error (which the ridge inflates by
+    # ridge·‖T‖², visible only when the kept columns are nearly dependent)
+    in_sample = factor.heldout_errors(factor.heldout_gram(torch.from_numpy(A.T @ A))).numpy()
+    assert ill_conditioned or np.allclose(in_sample, factor.errors().numpy(), rtol=1e-6,
+                                          atol=1e-9 * np.linalg.norm(A))

@@ -158,8 +158,8 @@ def test_kwon_end_to_end_on_squad(checkpoints, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("extra,expected", [
-    (["--method", "kwon", "--allocation", "uniform"], "--allocation apply to --method stat and magnitude, not kwon"),
-    (["--method", "kwon", "--sample_batch_size", "16"], "--sample_batch_size apply to --method stat"),
+    (["--method", "kwon", "--allocation", "uniform"], "--allocation: not used by --method kwon"),
+    (["--method", "kwon", "--sample_batch_size", "16"], "--sample_batch_size: not used by --method kwon"),
     (["--num_samples", "64"], "--num_samples applies to --method kwon"),
     (["--method", "kwon", "--num_samples", "0"], "expected a positive integer"),
 ])

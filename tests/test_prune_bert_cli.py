@@ -177,8 +177,8 @@ def test_real_process_exit_status(tmp_path):
 
 # --- protocols, provenance, the dense-score cache ---------------------------------------------
 
-PROVENANCE = ("protocol", "allocation", "calibration", "score_fraction", "mac_split", "sampler", "sketch",
-              "sketch_seed", "batch_size", "dtype", "mac_ratio", "mac_ratio_authors", "dense_cached", "argv",
+PROVENANCE = ("protocol", "allocation", "calibration", "score_fraction", "mac_split", "sampler", "pricing", "id_ridge",
+              "sketch", "sketch_seed", "batch_size", "dtype", "mac_ratio", "mac_ratio_authors", "dense_cached", "argv",
               "git_commit", "git_dirty", "versions")
 
 

@@ -170,12 +170,14 @@ def test_protocol_paper_end_to_end(setup, tmp_path, name):
     for key in ("protocol", "allocation", "calibration", "score_fraction", "mac_split", "calib_task", "eval_tasks",
                 "sketch", "sketch_seed", "batch_size", "dtype", "mac_ratio", "mac_ratio_authors", "dense_cached",
                 "argv", "git_commit", "git_dirty", "versions", "correction", "residual_correction",
-                "bias_compensation", "correction_ridge", "neuron_errors"):
+                "bias_compensation", "correction_ridge", "id_ridge", "neuron_errors", "pricing"):
         assert key in line, key
     assert (line["protocol"], line["allocation"], line["calibration"], line["mac_split"]) == (
         "paper", "faithful", "one_shot", "authors")
     assert (line["correction"], line["residual_correction"], line["bias_compensation"], line["correction_ridge"],
-            line["neuron_errors"]) == ("self", False, "off", "id", "id")  # the authors' correction
+            line["id_ridge"], line["neuron_errors"], line["pricing"]) == ("self", False, "off", "id", 1e-8, "id",
+                                                                          "insample")  # the authors'
+
     assert line["score_fraction"] == 1.0 and line["calib_task"] == "text" and line["eval_tasks"] == ["text"]
     assert line["task"] == "text" and line["dtype"] == "float32" and line["batch_size"] == 4
     assert 0 < record["mac_ratio_authors"] <= 0.6 + 1e-9

@@ -81,18 +81,20 @@ def test_a_streamed_model_is_the_checkpoint_with_empty_layers(family, tmp_path):
 
 
 # the corrections beyond the paper: the dense stream carried beside the pruned one, and biases
-# that Llama's o_proj/down_proj gain, through layers that live on disk between their turns
+# that Llama's o_proj/down_proj gain, through layers that live on disk between their turns (and
+# held-out prices, their folds' Grams beside each layer in pass 1)
 EVERY_CORRECTION = Correction(target="dense", residual=True, bias=True, add_bias=True, ridge="heldout")
 
 
-@pytest.mark.parametrize("family,method,calibration,correction", [
-    ("opt", "stat", "sequential", SELF), ("llama", "stat", "sequential", SELF),
-    ("tied-llama", "stat", "sequential", SELF), ("tied-llama", "stat", "one_shot", SELF),
-    ("opt", "magnitude", None, SELF), ("llama", "stat", "sequential", EVERY_CORRECTION)])
-def test_streamed_pruning_writes_the_same_checkpoint(family, method, calibration, correction, tmp_path):
+@pytest.mark.parametrize("family,method,calibration,correction,pricing", [
+    ("opt", "stat", "sequential", SELF, "insample"), ("llama", "stat", "sequential", SELF, "insample"),
+    ("tied-llama", "stat", "sequential", SELF, "insample"), ("tied-llama", "stat", "one_shot", SELF, "insample"),
+    ("opt", "magnitude", None, SELF, "insample"), ("llama", "stat", "sequential", EVERY_CORRECTION, "heldout")])
+def test_streamed_pruning_writes_the_same_checkpoint(family, method, calibration, correction, pricing, tmp_path):
     dense_path = saved(FAMILIES[family](), tmp_path / "dense")
     batches = tiny.random_batches(n_batches=4, batch=4, length=16)
-    kwargs = dict(method=method, calibration=calibration or "sequential", progress=False, correction=correction)
+    kwargs = dict(method=method, calibration=calibration or "sequential", progress=False, correction=correction,
+                  pricing=pricing)
 
     model = load_model(dense_path)
     adapter = adapter_for(model)

@@ -48,7 +48,8 @@ def add_stat_arguments(p):
                         "FFNs pruned, then the attention IDs from that model")
     p.add_argument("--score_fraction", type=fraction_value,
                    help="[protocol] share of the calibration set that pass 1 scores the dense model on, for the "
-                        "allocation (improved 0.25, paper 1; pass 2 always uses all of it)")
+                        "allocation (improved: 0.25 for encoders, 1 for decoders; paper 1; pass 2 always uses "
+                        "all of it; 1 with --pricing heldout)")
     p.add_argument("--mac_split", choices=MAC_SPLITS,
                    help="[protocol] how units are priced for the budget: exact (improved): each model's own "
                         "MACs per head and neuron; authors (paper): the authors' fixed head/neuron share "
@@ -88,8 +89,9 @@ def add_correction_arguments(p):
     p.add_argument("--correction_ridge", type=ridge_value, metavar="id|heldout|X",
                    help="[protocol] ridge of the corrections, relative to the mean diagonal of the kept "
                         "activations' Gram, shrinking them towards plain selection: id (paper, improved: the "
-                        "ID's own, 1e-8 of the trace), a positive number, or heldout (chosen per block among "
-                        "1e-6..10 by the error on every 4th calibration batch, fitted on the others)")
+                        "ID's own, 1e-8 of the mean diagonal of the ID's Gram, or --id_ridge), a positive number, "
+                        "or heldout (chosen per block among 1e-6..10 by the error on every 4th calibration batch, "
+                        "fitted on the others)")
     p.add_argument("--id_ridge", type=id_ridge_value, metavar="heldout|X",
                    help="[protocol] ridge of the interpolative decompositions themselves, relative to the mean "
                         "diagonal of the Gram: it changes which units are kept, their correction and pass 1's "
@@ -101,10 +103,10 @@ def add_correction_arguments(p):
                         "error of the weight-scaled ID) or output (the error it leaves in the FFN's output, "
                         "as heads are priced)")
     p.add_argument("--pricing", choices=PRICINGS,
-                   help="[protocol] what pass 1 prices each truncation on, for the allocation: insample (paper, "
-                        "improved: the calibration batches the IDs are fitted on) or heldout (every 4th batch, by "
-                        "the ID fitted on the others: the error a truncation leaves on data it was not fitted on; "
-                        "pass 1 then scores every batch)")
+                   help="[protocol] what pass 1 prices each truncation on, for the allocation: insample (paper; "
+                        "improved for encoders: the calibration batches the IDs are fitted on) or heldout (improved "
+                        "for decoders: cross-validated over 4 folds of the batches, batch b in fold b mod 4, each "
+                        "fold priced by the ID fitted on the other three; pass 1 then scores every batch)")
 
 
 def ridge_value(text, name="correction ridge", words=("id", "heldout")):
@@ -136,8 +138,10 @@ def check_stat_arguments(p, args, table):
                  if flag not in ALLOCATION_FLAGS and getattr(args, flag) is not None]
         if given:
             p.error(f"{', '.join(given)} apply to --method stat, not magnitude")
-    if args.method != "kwon" and value("pricing") == "heldout" and args.score_fraction not in (None, 1.0):
-        p.error("--score_fraction: --pricing heldout scores pass 1 on every calibration batch")
+    if args.method != "kwon" and value("pricing") == "heldout":
+        if args.score_fraction not in (None, 1.0):
+            p.error("--score_fraction: --pricing heldout scores pass 1 on every calibration batch")
+        args.score_fraction = 1.0  # what pass 1 will score, so that the record says so
     if args.method != "stat":
         return
     if value("correction_ridge") == "heldout" and value("id_ridge") == "heldout":

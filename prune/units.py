@@ -59,7 +59,9 @@ class Correction:
       it changes which units are kept, the ID's coefficients and the prices of pass 1
       (interpolative.RIDGE by default); 'heldout': chosen per block, once its number of units
       is known, among HELDOUT_RIDGES by the held-out error of the pruned block, the units
-      chosen and the correction fitted anew for every candidate (pass 1 keeps the default).
+      chosen and the correction fitted anew for every candidate (with an order given from
+      elsewhere, select_on='dense', only the correction); pass 1 keeps the default unless its
+      IDs also prune (one_shot, dense_ffn, ffn_then_attn, select_on='dense').
     """
 
     target: str = "self"
@@ -173,7 +175,7 @@ class UnitPruner:
             A = torch.cat([A, A.new_ones(*A.shape[:-1], 1)], dim=-1)
         others = [t for t in (A_dense, residual) if t is not None]
         if (held_out and len(self.grams) == 1) or (fold is not None and not self.held_out_prices):
-            raise ValueError("held-out batches only judge a ridge chosen by the Correction ('heldout') or the prices")
+            raise ValueError("held_out needs a Correction that chooses a ridge ('heldout'); fold needs held-out prices")
         part = fold if fold is not None else (len(self.grams) - 1 if held_out else 0)
         self.grams[part].add_batch(A, mask, torch.cat(others, dim=-1) if others else None)
 
@@ -181,10 +183,13 @@ class UnitPruner:
         """Order the units once, and keep what the refits need (the Grams are freed).
 
         order: the units' order decided elsewhere (the dense model's ID), else the ID's own."""
-        parts = [g.products for g in self.grams if g.rows]
-        fit = sum(parts[:-1]) if len(parts) > 1 else parts[0] if parts else self.grams[0].products
-        held_out = parts[-1] if len(parts) > 1 else None
-        self.grams = None
+        grams, self.grams = self.grams, None
+        parts = [g.products for g in grams if g.rows]  # the folds, with held-out prices
+        # the held-out part of a ridge choice: the last Gram (with held-out prices, the last
+        # fold), when it and some other part have rows
+        held_out = grams[-1].products if len(grams) > 1 and grams[-1].rows and len(parts) > 1 else None
+        fit = sum(g.products for g in grams[:-1]) if held_out is not None else sum(parts) if parts else \
+            grams[0].products
         if held_out is not None and self.correction.holds_out:
             self.heldout = (self._statistics(fit), self._statistics(held_out))
         total = self._statistics(fit if held_out is None else fit + held_out)  # every part
@@ -229,8 +234,10 @@ class UnitPruner:
         errors = output_errors = 0.0
         relative_ridge = self.correction.relative_id_ridge
         for part in parts:
-            G_fit, G_held = (self._scaled(self._statistics(M).G) for M in (total - part, part))
-            with warnings.catch_warnings():  # a raised ridge is reported once, by the factor of all the folds
+            rest = total - part
+            # with a constant, the fold is centred on the other folds' mean: the one its bias is fitted to
+            G_fit, G_held = self._scaled(self._gram(rest)), self._scaled(self._gram(part, centre_on=rest))
+            with warnings.catch_warnings():  # the folds' factors are not reported, only the factor of all of them
                 warnings.simplefilter("ignore", RuntimeWarning)
                 if self.scale_by_weight:
                     factor = pivoted_factor(G_fit, relative_ridge)
@@ -271,6 +278,17 @@ class UnitPruner:
         if P is not None:
             P = P[:dims] - count * torch.outer(mean, target_mean)
         return Statistics(G, P, mean, target_mean)
+
+    def _gram(self, M, centre_on=None):
+        """G′ from the products M alone; with a constant, centred on the mean of the products
+        `centre_on` (None: M's own): Σ(a − c)(a − c)ᵀ = Σaaᵀ − m(ācᵀ + cāᵀ − ccᵀ)."""
+        dims = self.W.shape[1]
+        if not self.constant:
+            return M[:dims, :dims]
+        count = M[dims, dims]
+        mean = M[dims, :dims] / count.clamp_min(1.0)
+        c = mean if centre_on is None else centre_on[dims, :dims] / centre_on[dims, dims].clamp_min(1.0)
+        return M[:dims, :dims] - count * (torch.outer(mean, c) + torch.outer(c, mean) - torch.outer(c, c))
 
     def _output_weight(self):
         """W in the columns the ID was taken on (divided by the neuron scaling)."""

@@ -293,19 +293,22 @@ def test_heldout_id_ridge_picks_what_explicit_held_out_errors_pick():
     np.testing.assert_allclose(W_new.numpy(), W_J, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("unit_dims", [1, 2])
-def test_held_out_prices_are_cross_validated_errors_of_the_id(unit_dims):
+@pytest.mark.parametrize("unit_dims,bias", [(1, False), (2, False), (1, True)])
+def test_held_out_prices_are_cross_validated_errors_of_the_id(unit_dims, bias):
     """--pricing heldout: pass 1 prices each truncation by cross-validation over 4 folds of
     the batches: each fold gets the error that the ID fitted on the other three leaves on it
-    (neurons: the weight-scaled ID; attention units: whole units); checked against residuals
-    formed explicitly."""
+    (neurons: the weight-scaled ID; attention units: whole units; with bias compensation, the
+    ID of the centred activations, the fold centred on the others' mean, which its bias is
+    fitted to); checked against residuals formed explicitly."""
     rng = np.random.default_rng(9)
     n, out = 12, 5
     mixing = rng.standard_normal((n, n))
-    batches = [torch.from_numpy(rng.standard_normal((10, n)) @ mixing).float() for _ in range(8)]
-    linear = torch.nn.Linear(n, out, bias=False).requires_grad_(False)
+    shift = rng.standard_normal(n) * 3.0
+    batches = [torch.from_numpy(rng.standard_normal((10, n)) @ mixing + (b % 4 == 1) * shift).float()
+               for b in range(8)]  # one fold off the others' mean: centring it on its own would hide that
+    linear = torch.nn.Linear(n, out, bias=bias).requires_grad_(False)
     make = UnitPruner.neurons if unit_dims == 1 else lambda lin, **kw: UnitPruner.attention(lin, unit_dims, **kw)
-    pruner = make(linear, held_out_prices=True)
+    pruner = make(linear, held_out_prices=True, correction=Correction(bias=bias))
     for b, A in enumerate(batches):
         pruner.add_batch(A, fold=b % 4)
     pruner.solve()
@@ -317,6 +320,8 @@ def test_held_out_prices_are_cross_validated_errors_of_the_id(unit_dims):
     for fold in range(4):
         S_fit = torch.cat([A for b, A in enumerate(batches) if b % 4 != fold]).double().numpy() * s
         S_h = torch.cat([A for b, A in enumerate(batches) if b % 4 == fold]).double().numpy() * s
+        if bias:
+            S_fit, S_h = S_fit - S_fit.mean(axis=0), S_h - S_fit.mean(axis=0)
         G = S_fit.T @ S_fit
         if unit_dims == 1:
             order = greedy_order(G)
@@ -434,7 +439,7 @@ def test_correction_flags_resolve_from_the_protocol_and_win_over_it():
     assert correction_of(args) == Correction(target="dense", residual=True, ridge=0.1, id_ridge=0.01)
     magnitude = prune_bert.parse_args(["--model_name", "m", "--task_name", "t", "--mu", "0.5", "--method",
                                        "magnitude", "--pricing", "heldout"])  # its allocation is STAT's
-    assert magnitude.pricing == "heldout"
+    assert magnitude.pricing == "heldout" and magnitude.score_fraction == 1.0  # recorded as pass 1 will score
     paper = prune_bert.parse_args(["--model_name", "m", "--task_name", "t", "--mu", "0.5", "--protocol", "paper"])
     protocol.resolve(paper, protocol.ENCODER)
     assert correction_of(paper) == Correction()  # the authors' correction: the ID's own

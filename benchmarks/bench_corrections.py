@@ -121,6 +121,12 @@ def dense_cache(name, key, value=None):
     os.replace(path + ".tmp", path)
 
 
+def load_dense(model_dir):
+    """(tokenizer, dense model, its adapter) of a checkpoint."""
+    model = load_model(model_dir)
+    return load_tokenizer(model_dir), model, adapter_for(model)
+
+
 # ---------------------------------------------------------------------------------------------
 # MiniLM on movie-sentiment
 
@@ -133,11 +139,8 @@ class MiniLM:
         from evaluate.tasks import make_task
         from scripts.build_demo_classifier import DEFAULT_OUT, build_classifier
 
-        model_dir = build_classifier(DEFAULT_OUT)
-        self.tokenizer = load_tokenizer(model_dir)
+        self.tokenizer, self.dense, self.adapter = load_dense(build_classifier(DEFAULT_OUT))
         self.task = make_task("movie-sentiment", self.tokenizer)
-        self.dense = load_model(model_dir)
-        self.adapter = adapter_for(self.dense)
         self.costs = adapter_costs(self.adapter, self.task.mac_seq_len)
         self.samples = args.samples
         self.calibrations = {}
@@ -196,10 +199,7 @@ class SmolLM2:
     def __init__(self, args):
         from scripts.convert_smollm2 import DEFAULT_OUT, convert
 
-        model_dir = convert(DEFAULT_OUT)
-        self.tokenizer = load_tokenizer(model_dir)
-        self.dense = load_model(model_dir)
-        self.adapter = adapter_for(self.dense)
+        self.tokenizer, self.dense, self.adapter = load_dense(convert(DEFAULT_OUT))
         self.seqlen, self.nsamples, self.batch_size = args.seqlen, args.nsamples, args.batch_size
         self.costs = adapter_costs(self.adapter, self.seqlen)
         self.data_dir = self._write_text_task()

@@ -69,8 +69,8 @@ class Factor:
         order): B = A_held R⁻¹ has BᵀB = M, and heldout_errors reads the ID's errors on those
         rows off it."""
         order = self.order.to(self.R.device)
-        G_held = G_held.to(device=self.R.device, dtype=torch.float64)[order][:, order]
-        X = torch.linalg.solve_triangular(self.R, G_held, upper=True, left=False)  # G_held R⁻¹
+        X = G_held.to(device=self.R.device, dtype=torch.float64)[order[:, None], order]  # one copy
+        X = torch.linalg.solve_triangular(self.R, X, upper=True, left=False)  # G_held R⁻¹
         return torch.linalg.solve_triangular(self.R.T, X, upper=False)
 
     def heldout_errors(self, M, W=None):
@@ -84,8 +84,10 @@ class Factor:
         every k from one n × n product.
         """
         V = self.R if W is None else self.R @ W.detach().to(self.R)[:, self.order.to(self.R.device)].T
-        H = M * (V @ V.T)
-        tail = torch.flip(torch.cumsum(torch.flip(H, [0, 1]), 0).cumsum(1), [0, 1]).diagonal()
+        H = V @ V.T
+        H *= M
+        H = torch.flip(H, [0, 1])  # sums from the bottom-right corner, in place (n² floats each)
+        tail = torch.flip(H.cumsum_(0).cumsum_(1).diagonal(), [0])
         return torch.cat([tail, tail.new_zeros(1)]).clamp_min(0).sqrt()
 
     def coefficients(self, k):
@@ -115,9 +117,10 @@ def pivoted_factor(G, relative_ridge=RIDGE):
     """
     device = G.device
     ridge = ridge_of(G, relative_ridge)
-    Gr = G.detach().to("cpu", torch.float64).numpy().copy()
+    # copied in Fortran order, which LAPACK factors where it lies (given C order it would copy
+    # it again); the lower factor L it leaves there is R = Lᵀ in C order: no copy to transpose
+    Gr = np.array(G.detach().to("cpu", torch.float64).numpy(), order="F")
     Gr[np.diag_indices_from(Gr)] += ridge
-    # the lower factor L of a Fortran-ordered result is R = Lᵀ in C order: no copy to transpose
     c, piv, rank, info = lapack.dpstrf(Gr, lower=1, tol=ridge / 2, overwrite_a=1)
     if info < 0:
         raise ValueError(f"dpstrf failed: illegal argument {-info}")

@@ -188,20 +188,30 @@ class UnitPruner:
         # the held-out part of a ridge choice: the last Gram (with held-out prices, the last
         # fold), when it and some other part have rows
         held_out = grams[-1].products if len(grams) > 1 and grams[-1].rows and len(parts) > 1 else None
-        fit = sum(g.products for g in grams[:-1]) if held_out is not None else sum(parts) if parts else \
-            grams[0].products
-        if held_out is not None and self.correction.holds_out:
-            self.heldout = (self._statistics(fit), self._statistics(held_out))
-        total = self._statistics(fit if held_out is None else fit + held_out)  # every part
-        G = total.G if self.correction.classic else total.G.clone()
-        if self.scale_by_weight:
-            scale = self.W.norm(dim=0).to(G.device)
-            G *= scale[:, None]
-            G *= scale[None, :]  # in place: a Gram is the largest matrix here
-            self.dim_scale = scale
-        relative_ridge = self.correction.relative_id_ridge
+        if held_out is None:
+            products = parts[0] if len(parts) == 1 else sum(parts) if parts else grams[0].products
+        else:
+            fit = sum(g.products for g in grams[:-1])
+            if self.correction.holds_out:
+                self.heldout = (self._statistics(fit), self._statistics(held_out))
+            products = fit + held_out  # every part
+            del fit
+        del grams, held_out  # each fold's Gram is freed once the prices are done with it
         if order is not None:
             self.order = self.given_order = order.cpu()
+        if self.scale_by_weight:
+            self.dim_scale = self.W.norm(dim=0).to(products.device)
+        if self.held_out_prices and len(parts) > 1:
+            # before the factor of all the folds, so that the folds' factors never sit beside it
+            self.prices = self._cross_validated_prices(parts, products)
+        del parts
+        total = self._statistics(products)
+        G = total.G if self.correction.classic else total.G.clone()
+        if self.scale_by_weight:
+            G *= self.dim_scale[:, None]
+            G *= self.dim_scale[None, :]  # in place: a Gram is the largest matrix here
+        relative_ridge = self.correction.relative_id_ridge
+        if order is not None:
             self.factor = ordered_factor(G, expand_groups(self.order, self.unit_dims), relative_ridge)
         elif self.scale_by_weight:
             self.factor = pivoted_factor(G, relative_ridge)
@@ -210,8 +220,6 @@ class UnitPruner:
             self.order = self._order(G, relative_ridge)
             self.factor = ordered_factor(G, expand_groups(self.order, self.unit_dims), relative_ridge)
         del G
-        if self.held_out_prices and len(parts) > 1:
-            self.prices = self._cross_validated_prices(parts)
         if not self.correction.classic:
             self.fit = total
         elif self.constant:
@@ -226,17 +234,20 @@ class UnitPruner:
             return pivoted_factor(G, relative_ridge).order
         return pivoted_factor(group_gram(G, self.unit_dims), relative_ridge).order
 
-    def _cross_validated_prices(self, parts):
+    def _cross_validated_prices(self, parts, total):
         """(errors, output errors) per truncation, cross-validated over the folds `parts`
-        (their products): each fold gets the error that the ID fitted on the other folds
-        leaves on it; the squared errors add up over the folds."""
-        total = sum(parts)
+        (their products, `total` their sum): each fold gets the error that the ID fitted on the
+        other folds leaves on it; the squared errors add up over the folds. `parts` is emptied
+        fold by fold, so that a fold's Gram is freed once it is priced."""
         errors = output_errors = 0.0
         relative_ridge = self.correction.relative_id_ridge
-        for part in parts:
+        while parts:
+            part = parts.pop(0)
             rest = total - part
             # with a constant, the fold is centred on the other folds' mean: the one its bias is fitted to
-            G_fit, G_held = self._scaled(self._gram(rest)), self._scaled(self._gram(part, centre_on=rest))
+            G_held = self._scaled(self._gram(part, centre_on=rest))
+            del part
+            G_fit = self._scaled(self._gram(rest), in_place=True)  # rest is ours: scaled where it lies
             with warnings.catch_warnings():  # the folds' factors are not reported, only the factor of all of them
                 warnings.simplefilter("ignore", RuntimeWarning)
                 if self.scale_by_weight:
@@ -244,16 +255,22 @@ class UnitPruner:
                 else:
                     factor = ordered_factor(G_fit, expand_groups(self._order(G_fit, relative_ridge), self.unit_dims),
                                             relative_ridge)
+            del rest, G_fit
             M = factor.heldout_gram(G_held)
+            del G_held
             errors = errors + factor.heldout_errors(M) ** 2
             output_errors = output_errors + factor.heldout_errors(M, self._output_weight())[:: self.unit_dims] ** 2
         return errors.sqrt(), output_errors.sqrt()
 
-    def _scaled(self, G):
-        """G as the ID sees it: a copy, scaled by the weight norms for neurons."""
+    def _scaled(self, G, in_place=False):
+        """G as the ID sees it: scaled by the weight norms for neurons (a copy unless in_place)."""
         if self.dim_scale is None:
             return G
-        return G * self.dim_scale[:, None] * self.dim_scale[None, :]
+        if not in_place:
+            return G * self.dim_scale[:, None] * self.dim_scale[None, :]
+        G *= self.dim_scale[:, None]
+        G *= self.dim_scale[None, :]
+        return G
 
     def _statistics(self, M):
         """G′ and P = A′ᵀY from the accumulated products M = A′ᵀ[A′ (1) A (x − x′)], centred

@@ -86,7 +86,7 @@ class Factor:
         V = self.R if W is None else self.R @ W.detach().to(self.R)[:, self.order.to(self.R.device)].T
         H = V @ V.T
         H *= M
-        H = torch.flip(H, [0, 1])  # sums from the bottom-right corner, in place (n² floats each)
+        H = torch.flip(H, [0, 1])  # one copy; then summed in place from the old bottom-right corner
         tail = torch.flip(H.cumsum_(0).cumsum_(1).diagonal(), [0])
         return torch.cat([tail, tail.new_zeros(1)]).clamp_min(0).sqrt()
 

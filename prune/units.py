@@ -207,9 +207,7 @@ class UnitPruner:
         del parts
         total = self._statistics(products)
         G = total.G if self.correction.classic else total.G.clone()
-        if self.scale_by_weight:
-            G *= self.dim_scale[:, None]
-            G *= self.dim_scale[None, :]  # in place: a Gram is the largest matrix here
+        G = self._scaled(G, in_place=True)  # in place: a Gram is the largest matrix here
         relative_ridge = self.correction.relative_id_ridge
         if order is not None:
             self.factor = ordered_factor(G, expand_groups(self.order, self.unit_dims), relative_ridge)

@@ -15,6 +15,7 @@ import os
 
 from pipelines import plots, report
 from pipelines.flags import parser
+from utils.atomic import atomic_file
 from utils.cli import run_main
 from utils.errors import UserError
 
@@ -50,7 +51,7 @@ def main(argv=None):
         print(f"\n({unscored} records without scores were left out)")
     if args.latex:
         os.makedirs(os.path.dirname(os.path.abspath(args.latex)), exist_ok=True)
-        with open(args.latex, "w", encoding="utf-8") as f:
+        with atomic_file(args.latex, "w", encoding="utf-8") as f:
             f.write("\n\n".join(report.latex(t) for t in tables) + "\n")
         print(f"\nLaTeX: {args.latex}")
     if args.plot:

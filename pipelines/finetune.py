@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -26,6 +25,7 @@ from evaluate.tasks import SQUAD_VERSIONS, make_task, task_names
 from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import load_config, load_tokenizer
 from prerequisites.hub import resolve_checkpoint
+from utils.atomic import atomic_folder
 from utils.cli import resolve_device, set_seed
 from utils.errors import UserError
 from utils.results import now, provenance
@@ -151,22 +151,13 @@ def train(model, examples, args, device):
 
 
 def save(model, tokenizer, out_dir, record):
-    """Write into a temporary folder beside out_dir, then rename it: a half-trained or
-    half-written model never sits where prune_bert.py looks."""
-    out_dir = os.path.normpath(out_dir)
-    tmp = out_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a run that died while saving
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, RECORD_FILE), "w", encoding="utf-8") as f:
+    """Write into a temporary folder beside out_dir, then rename it (utils/atomic.py): a
+    half-trained or half-written model never sits where prune_bert.py looks."""
+    with atomic_folder(out_dir) as folder:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        with open(os.path.join(folder, RECORD_FILE), "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)
-        if os.path.isdir(out_dir):  # empty (check_output_dir): os.replace cannot rename onto a folder
-            os.rmdir(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def shown_path(path):

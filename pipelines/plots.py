@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from pipelines.report import MISSING, shown
+from utils.atomic import atomic_file
 
 PANELS_PER_ROW = 4
 
@@ -132,5 +133,6 @@ def save(fig, folder, stem):
     os.makedirs(folder, exist_ok=True)
     paths = [os.path.join(folder, f"{stem}.{ext}") for ext in ("png", "pdf")]
     for path in paths:
-        fig.savefig(path, dpi=110)
+        with atomic_file(path, "wb") as f:  # never a half-drawn figure (utils/atomic.py)
+            fig.savefig(f, dpi=110, format=os.path.splitext(path)[1][1:])
     return paths

@@ -1,4 +1,4 @@
-"""Loading dense checkpoints, and saving and loading pruned ones (DESIGN.md §5).
+"""Loading dense checkpoints, and saving and loading pruned ones (docs/design.md §5).
 
 A pruned checkpoint is a `save_pretrained` directory whose config.json also records each
 layer's unit counts (`stat_heads`, in attention units: heads, or KV groups; `stat_ffn`) and the
@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 
 from prerequisites import modeling_stat
 from prerequisites.adapters import adapter_for
+from utils.atomic import atomic_folder
 from utils.errors import UserError
 
 MODELING_FILE = "modeling_stat.py"
@@ -80,12 +81,13 @@ def finish_checkpoint(path, tokenizer=None):
 
 
 def save_pruned(model, path, tokenizer=None):
-    """Write a pruned model so that it reloads with its per-layer shapes."""
+    """Write a pruned model so that it reloads with its per-layer shapes; whole or not at all
+    (utils/atomic.py: a checkpoint already at `path` is replaced only once the new one is complete)."""
     mark_pruned(model)
-    os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path)
-    name_stock_class(path, model)
-    finish_checkpoint(path, tokenizer)
+    with atomic_folder(path) as folder:
+        model.save_pretrained(folder)
+        name_stock_class(folder, model)
+        finish_checkpoint(folder, tokenizer)
 
 
 def name_stock_class(path, model):

@@ -14,6 +14,7 @@ prerequisites/checkpoint.py's `save_pruned` writes (config with the recorded sha
 `auto_map`, modeling_stat.py, tokenizer), its weights sharded one file per layer plus one for
 the rest, with the usual `model.safetensors.index.json`: it loads with `load_model` and with
 `from_pretrained(..., trust_remote_code=True)` exactly as the in-memory path's checkpoint does.
+Like `save_pruned`, it writes the whole checkpoint or nothing (utils/atomic.py).
 """
 import json
 import os
@@ -26,6 +27,7 @@ from safetensors.torch import save_file
 
 from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import finish_checkpoint, load_config, mark_pruned, model_class, tied_duplicates
+from utils.atomic import atomic_folder
 from utils.errors import UserError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -176,34 +178,57 @@ class LayerStore:
         return state
 
     def save(self, path, tokenizer=None):
-        """Write the model as a pruned checkpoint, one layer at a time (see the module docstring).
-        The files of the layers already written move there (and are read from there afterwards)."""
-        os.makedirs(path, exist_ok=True)
+        """Write the model as a pruned checkpoint, one layer at a time (see the module docstring),
+        whole or not at all (utils/atomic.py). The layers are read from there afterwards: the files
+        of those already written move there from the store's folder (a checkpoint saved before
+        keeps its own); should the save fail, the store is as it was."""
         count = len(self.layers) + 1
-        shard = "model-{:05d}-of-{:05d}.safetensors".format
+        shards = ["model-{:05d}-of-{:05d}.safetensors".format(number, count) for number in range(1, count + 1)]
+        before = dict(self.written), dict(self.nbytes)
+        try:
+            with atomic_folder(path) as folder:
+                self._save_into(folder, shards, tokenizer)
+        except BaseException:
+            self.written, self.nbytes = before
+            raise
+        # the old names go only now: until the checkpoint is in place, they are the only copy
+        for source in before[0].values():
+            if os.path.samefile(os.path.dirname(source), self.folder):
+                os.remove(source)
+        self.written = {index: os.path.join(path, shards[index]) for index in range(len(self.layers))}
+
+    def _save_into(self, folder, shards, tokenizer):
         weight_map = {}
         for index in range(len(self.layers)):
-            target = os.path.join(path, shard(index + 1, count))
+            target = os.path.join(folder, shards[index])
             if index in self.written:
-                shutil.move(self.written[index], target)
-                self.written[index] = target
+                _link(self.written[index], target)
             else:  # never changed: copied from the checkpoint, in the run's dtype
                 self.fetch(index)
                 self._write(index, target)
                 self.release(index)
             with safe_open(target, framework="pt") as f:
-                weight_map.update({key: shard(index + 1, count) for key in f.keys()})
+                weight_map.update({key: shards[index] for key in f.keys()})
         rest = {key: t for key, t in self.model.state_dict().items() if not key.startswith(tuple(self.prefixes))}
         rest = {key: t.detach().cpu().contiguous() for key, t in rest.items() if key not in tied_duplicates(rest)}
-        save_file(rest, os.path.join(path, shard(count, count)), metadata={"format": "pt"})
-        weight_map.update({key: shard(count, count) for key in rest})
+        save_file(rest, os.path.join(folder, shards[-1]), metadata={"format": "pt"})
+        weight_map.update({key: shards[-1] for key in rest})
         total = sum(self.nbytes.values()) + sum(t.numel() * t.element_size() for t in rest.values())
-        with open(os.path.join(path, INDEX_FILE), "w", encoding="utf-8") as f:
+        with open(os.path.join(folder, INDEX_FILE), "w", encoding="utf-8") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
 
         mark_pruned(self.model)
         self.model.config.dtype = str(self.dtype).removeprefix("torch.")
-        self.model.config.save_pretrained(path)
+        self.model.config.save_pretrained(folder)
         if self.model.can_generate():
-            self.model.generation_config.save_pretrained(path)
-        finish_checkpoint(path, tokenizer)
+            self.model.generation_config.save_pretrained(folder)
+        finish_checkpoint(folder, tokenizer)
+
+
+def _link(source, target):
+    # a second name costs neither time nor space (pipelines/decoder.py puts the store's folder
+    # beside --save_model for this); across file systems it takes a copy
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)

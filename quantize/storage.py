@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from prerequisites.checkpoint import CheckpointFormat, load_config, model_class, record_shapes, stock_class_of, \
     tied_duplicates
 from quantize.pack import QuantizedWeight, quantized_prefixes
+from utils.atomic import atomic_folder
 from utils.errors import UserError
 
 WEIGHTS_FILE = "stat_quantized.safetensors"
@@ -58,11 +59,11 @@ def save_quantized(model, quantized, path, tokenizer=None, settings=None, store=
     # No modeling_stat.py is written (remote code could not read the packed weights).
     config.__dict__.pop("auto_map", None)
 
-    os.makedirs(path, exist_ok=True)
-    config.save_pretrained(path)
-    save_file(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+    with atomic_folder(path) as folder:  # whole or not at all: utils/atomic.py
+        config.save_pretrained(folder)
+        save_file(tensors, os.path.join(folder, WEIGHTS_FILE), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
 
 
 def is_quantized(config):

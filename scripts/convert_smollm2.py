@@ -10,10 +10,13 @@ quantization entry of the config is dropped so that the copy is an ordinary floa
 import argparse
 import importlib.util
 import os
-import shutil
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from utils.atomic import atomic_folder  # noqa: E402
+
 DEFAULT_OUT = os.path.join(ROOT, "models", "smollm2-135m")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -41,12 +44,9 @@ def convert(out_dir=DEFAULT_OUT):
     model = LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict())
     model.tie_weights()
-    tmp = out_dir + ".tmp"  # never leave a half-written model that looks finished
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    os.replace(tmp, out_dir)
+    with atomic_folder(out_dir) as folder:  # never a half-written model that looks finished
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
     return out_dir
 
 

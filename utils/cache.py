@@ -14,8 +14,8 @@ counts as absent.
 import hashlib
 import json
 import os
-import tempfile
 
+from utils.atomic import atomic_file
 from utils.results import git_state
 
 CACHE_DIR = ".dense_cache"
@@ -54,15 +54,8 @@ class DenseCache:
 
     def store(self, key, value):
         os.makedirs(self.folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"key": self._full_key(key), "value": value}, f)
-            os.replace(tmp, self.path(key))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with atomic_file(self.path(key), "w", encoding="utf-8") as f:
+            json.dump({"key": self._full_key(key), "value": value}, f)
 
     def get_or_compute(self, key, compute):
         if self.enabled:

@@ -13,7 +13,8 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
+
+from utils.atomic import atomic_file
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,27 +31,13 @@ def _folder_lock(folder):
         os.close(fd)  # closing releases the lock
 
 
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _append_atomically(path, text):
     old = ""
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             old = f.read()
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(old + text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; results are for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_file(path, "w", encoding="utf-8") as f:
+        f.write(old + text)
 
 
 def append_result(stem, record, block):

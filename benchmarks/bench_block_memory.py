@@ -4,7 +4,7 @@
 
 One FFN-like block (n neurons feeding a Linear(n, out)) is fed `batches` batches of `rows`
 random activations, then solved and priced the way pass 1 does it (UnitPruner.neurons: the
-weight-scaled pivoted ID, errors() and output_errors()), once per pricing, each in a fresh
+weight-scaled pivoted ID and its prices()), once per pricing, each in a fresh
 process so that one run's freed memory cannot hide the next one's. Printed: the peak resident
 memory above the moment the activations are ready (the Grams' accumulation included), in MB
 and in units of one n × n float64 matrix (n² · 8 bytes), and the time. In-sample prices hold
@@ -45,9 +45,9 @@ def child(args):
         start = time.perf_counter()
         pruner = UnitPruner.neurons(linear, held_out_prices=held_out)
         for b, A in enumerate(batches):
-            pruner.add_batch(A, fold=b % PRICE_FOLDS if held_out else None)
+            pruner.add_batch(A, fold=b % PRICE_FOLDS if held_out else 0)
         pruner.solve()
-        pruner.errors(), pruner.output_errors()
+        pruner.prices()
         seconds = time.perf_counter() - start
     print(json.dumps({"peak_mb": peak.peak_mb, "seconds": seconds}))
 

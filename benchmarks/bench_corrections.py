@@ -1,21 +1,19 @@
-"""Benchmark the corrections beyond the paper (issue 14): dense target, residual, bias
-compensation, ridge, output-space neuron errors; alone and together, in and off domain.
+"""Benchmark how STAT corrects and prices (docs/corrections.md): the dense target and held-out
+prices against today's default, in and off domain, with the data to choose on held out.
 
     python benchmarks/bench_corrections.py minilm  [--mus ...] [--variants ...] [--seeds 0 1 2]
     python benchmarks/bench_corrections.py smollm2 [--mus ...] [--variants ...] [--seeds 0 1 2]
 
-A variant is a '+'-joined list of settings on top of today's default (`today`: --correction
-self, no bias compensation, the ID's ridge, ID neuron errors):
-  dense            --correction dense          res      --residual_correction
-  bias             --bias_compensation existing   addbias  --bias_compensation add
-  ridge=X          --correction_ridge X (a number or heldout)
-  idridge=X        --id_ridge X (a number or heldout)
-  nerr             --neuron_errors output      magnitude  --method magnitude
+A variant is a '+'-joined list of settings on top of `today` (stat_prune's defaults:
+--correction self, --pricing insample, --score_fraction 0.25):
+  dense            --correction dense (the dense model's output and the residual stream's gap)
+  magnitude        --method magnitude
   alloc=NAME       --allocation NAME           cal=NAME   --calibration NAME
   n=N              (smollm2) N calibration windows instead of --nsamples
-  select=dense     the units chosen by pass 1's IDs on the dense model (stat_prune select_on)
   sf=X             --score_fraction X
   price=NAME       --pricing NAME (insample, heldout)
+(The variants of issue 14 that were removed in issue 20, bias, addbias, ridge=X, idridge=X,
+nerr, select=dense and res apart from dense, run at commit 7ed5679.)
 
 Every run reports the metric on the evaluation sets and on data held out of the training
 text, which is what defaults are chosen on (never the evaluation sets):
@@ -56,36 +54,21 @@ from evaluate.perplexity import perplexity  # noqa: E402
 from prerequisites.adapters import adapter_for  # noqa: E402
 from prerequisites.checkpoint import load_model, load_tokenizer  # noqa: E402
 from prune.stat import stat_prune  # noqa: E402
-from prune.units import Correction  # noqa: E402
 
 OUT = os.path.join(ROOT, "output", "bench_corrections")
 HELD_OUT_SEEDS = range(5)  # calibration seeds whose data the selection sets avoid
-VARIANTS = ["today", "magnitude", "dense", "dense+res", "bias", "ridge=heldout", "nerr",
-            "dense+res+bias+ridge=heldout+nerr"]
+VARIANTS = ["today", "magnitude", "dense", "price=heldout"]
 
 
 def parse_variant(name):
     """stat_prune's keyword arguments (and the calibration size) of a variant name."""
-    target, residual, bias, add_bias, ridge, id_ridge = "self", False, False, False, None, 1e-8
     options, nsamples = {}, None
     for part in name.split("+"):
         key, _, value = part.partition("=")
         if part == "today":
             pass
         elif part == "dense":
-            target = "dense"
-        elif part == "res":
-            residual = True
-        elif part == "bias":
-            bias = True
-        elif part == "addbias":
-            bias = add_bias = True
-        elif key == "ridge":
-            ridge = value if value == "heldout" else float(value)
-        elif key == "idridge":
-            id_ridge = value if value == "heldout" else float(value)
-        elif part == "nerr":
-            options["neuron_errors"] = "output"
+            options["correction"] = "dense"
         elif part == "magnitude":
             options["method"] = "magnitude"
         elif key == "alloc":
@@ -94,16 +77,12 @@ def parse_variant(name):
             options["calibration"] = value
         elif key == "n":
             nsamples = int(value)
-        elif key == "select":
-            options["select_on"] = value
         elif key == "price":
             options["pricing"] = value
         elif key == "sf":
             options["score_fraction"] = float(value)
         else:
             raise SystemExit(f"unknown variant part {part!r}")
-    options["correction"] = Correction(target=target, residual=residual, bias=bias, add_bias=add_bias, ridge=ridge,
-                                        id_ridge=id_ridge)
     return options, nsamples
 
 
@@ -275,7 +254,7 @@ def run(bench, variant, mu, seed):
     record = {"variant": variant, "mu": mu, "seed": seed, "metrics": bench.evaluate(model),
               "dense": bench.dense_metrics, "mac_ratio": ratio, "prune_seconds": result.seconds,
               "forward_seconds": bench.forward_seconds, "attn_units": result.attn_units,
-              "neurons": result.neurons, "ridges": result.ridges}
+              "neurons": result.neurons}
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, f"{bench.name}.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")

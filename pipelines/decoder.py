@@ -4,6 +4,7 @@ quantize, score perplexity on the evaluation sets, and write output/opt/<model_n
 Each entry script parses its flags and calls one of `prune`, `quantize` or `evaluate` here.
 """
 import contextlib
+import math
 import os
 import sys
 import tempfile
@@ -22,9 +23,8 @@ from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import checkpoint_identity, load_config, load_model, load_tokenizer, save_pruned
 from prerequisites.hub import resolve_checkpoint
 from prerequisites.streaming import load_streamed
-from pipelines.flags import correction_of, describe_correction
+from pipelines.flags import describe_correction
 from prune.stat import stat_prune
-from prune.units import SELF
 from quantize.sequential import quantize_model
 from quantize.storage import QUANTIZED, is_quantized, save_quantized, weights_size_mb
 from utils.cache import DenseCache, fingerprint
@@ -138,8 +138,8 @@ def load_weights(args, source, config, device, stack):
         return load_model(source, dtype=dtype, formats=[QUANTIZED]), None
     if is_quantized(config):
         raise UserError("--low_memory reads ordinary (dense or pruned) checkpoints, not packed quantized ones")
-    # the layers that change are written beside --save_model when its folder exists (moving them
-    # there at the end is then a rename), else in the system's temporary folder
+    # the layers that change are written beside --save_model when its folder exists (putting them
+    # there at the end is then a link, not a copy), else in the system's temporary folder
     parent = os.path.dirname(os.path.abspath(args.save_model)) if getattr(args, "save_model", None) else None
     folder = stack.enter_context(tempfile.TemporaryDirectory(
         prefix=".stat-layers-", dir=parent if parent and os.path.isdir(parent) else None))
@@ -200,8 +200,9 @@ def prune_and_report(args, knobs, device, model, adapter, windows, calib_batches
                                 method=args.method, allocation=args.allocation, calibration=args.calibration,
                                 sketch_rows=args.sketch, sketch_seed=args.seed, score_fraction=args.score_fraction,
                                 neuron_share=AUTHORS_NEURON_SHARE["decoder"] if args.mac_split == "authors" else None,
-                                store=store, correction=correction_of(args) if args.method == "stat" else SELF,
-                                neuron_errors=args.neuron_errors, pricing=args.pricing).allocation
+                                store=store, correction=args.correction if args.method == "stat" else "self",
+                                pricing=args.pricing, more_tokens=lambda factor: "--nsamples "
+                                f"{math.ceil(args.nsamples * factor)} at --seqlen {seqlen}").allocation
     prune_seconds = time.perf_counter() - start
     ppl_pruned = (perplexities(model, adapter, windows, device, args.batch_size, "pruned", store) if args.mu < 1
                   else ppl_dense)

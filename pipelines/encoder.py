@@ -1,6 +1,7 @@
 """Encoder runs (prune_bert.py): load a fine-tuned classifier or QA model, score it, prune it
 (STAT, magnitude, or Kwon et al.'s method), score it again, and write
 output/<model_name>/<task_name>.*."""
+import math
 import os
 
 from efficiency.latency import measure_latency
@@ -8,13 +9,12 @@ from efficiency.macs import AUTHORS_NEURON_SHARE, count_parameters, mac_ratios, 
 from evaluate.tasks import check_checkpoint, make_task, task_names
 from pipelines import protocol
 from pipelines.commands import encoder_result_stem
-from pipelines.flags import CORRECTION_FLAGS, correction_of, describe_correction
+from pipelines.flags import CORRECTION_FLAGS, describe_correction
 from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import checkpoint_identity, load_config, load_model, load_tokenizer, save_pruned
 from prerequisites.hub import resolve_checkpoint
 from prune.kwon import kwon_prune
 from prune.stat import stat_prune
-from prune.units import SELF
 from utils.cache import DenseCache
 from utils.cli import resolve_device, set_seed
 from utils.errors import UserError
@@ -100,8 +100,9 @@ def prune(args):
                             method=args.method, allocation=args.allocation, calibration=args.calibration,
                             sketch_rows=args.sketch, sketch_seed=args.seed, score_fraction=args.score_fraction,
                             neuron_share=AUTHORS_NEURON_SHARE["encoder"] if args.mac_split == "authors" else None,
-                            correction=correction_of(args) if args.method == "stat" else SELF,
-                            neuron_errors=args.neuron_errors, pricing=args.pricing)
+                            correction=args.correction if args.method == "stat" else "self",
+                            pricing=args.pricing, more_tokens=lambda factor: "--sample_batch_size "
+                            f"{math.ceil(args.sample_batch_size * factor)}")
 
     print("scoring the pruned model ...")
     pruned = task.evaluate(model, device)

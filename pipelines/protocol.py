@@ -1,10 +1,10 @@
 """The two protocols side by side: what `--protocol improved` (the default) and `--protocol
 paper` set, per kind of run.
 
-paper: the authors' released code, literally (DESIGN.md §3): their allocation rule, their
+paper: the authors' released code, literally (docs/design.md §3): their allocation rule, their
 fixed head/neuron MAC split, their order of measuring and pruning, their calibration draw,
 GPTQ as the reference implementation runs it.
-improved: what measured best here (README, "Protocols").
+improved: what measured best here (docs/protocols.md).
 
 Every knob below is also a flag of its own, whose default is None: a flag given wins over the
 protocol, and `resolve` fills every flag left unset from the table, once, before the run
@@ -15,15 +15,10 @@ import copy
 
 PROTOCOLS = ("improved", "paper")
 
-# the corrections beyond the paper (README, "Corrections beyond the paper"): paper = the
-# authors' (each block reproduces its own output, no bias, the ID's ridge 1e-8, ID neuron errors)
+# what each correction reproduces (docs/corrections.md): paper = the authors' (each block
+# reproduces its own output)
 CORRECTIONS = {
     "correction":     {"improved": "self",         "paper": "self"},
-    "residual_correction": {"improved": False,     "paper": False},
-    "bias_compensation": {"improved": "off",       "paper": "off"},
-    "correction_ridge": {"improved": "id",         "paper": "id"},
-    "id_ridge":       {"improved": 1e-8,           "paper": 1e-8},
-    "neuron_errors":  {"improved": "id",           "paper": "id"},
 }
 
 # prune_bert.py

@@ -1,11 +1,11 @@
-"""How many heads and neurons each layer keeps under a MAC budget μ (DESIGN.md §3).
+"""How many heads and neurons each layer keeps under a MAC budget μ (docs/design.md §3).
 
 Every allocator takes the per-layer scores of the dense model and the MAC costs of one
 attention unit (a head, or with grouped-query attention a KV group) and of one FFN neuron, as
 plain numbers (efficiency/macs.py computes them), and returns (attention units per layer,
 neurons per layer) whose MACs do not exceed μ × the dense MACs.
 
-- `faithful`: the allocation rule of the authors' released code, literally (DESIGN.md §3), in
+- `faithful`: the allocation rule of the authors' released code, literally (docs/design.md §3), in
   its two variants: `prune_bert.py`'s ("bert": encoders) and `prune_opt.py`'s ("opt":
   decoders). Golden tests transcribe both from the scripts (tests/test_allocation.py).
 - `uniform`: every layer keeps the same share μ of its heads; neurons take the rest of the
@@ -27,19 +27,11 @@ class LayerScores:
     non-increasing.
     neuron_pivots[j]: what the (j+1)-th neuron of the scaled ID adds, non-increasing.
     neuron_errors[k]: error of the scaled ID keeping k neurons (k = 0..N), non-increasing.
-    neuron_output_errors[k]: optionally, the error that ID leaves in the FFN's output
-    (‖E·W_droppedᵀ‖, like attn_errors); the knapsack allocators price neurons by it when given.
     """
 
     attn_errors: np.ndarray
     neuron_pivots: np.ndarray
     neuron_errors: np.ndarray
-    neuron_output_errors: np.ndarray = None
-
-    @property
-    def neuron_costs(self):
-        """What the knapsack prices neurons by: the output-space errors when measured."""
-        return self.neuron_errors if self.neuron_output_errors is None else self.neuron_output_errors
 
     @property
     def n_attn_units(self):
@@ -112,7 +104,7 @@ OPT_HEAD_FACTOR = 1.125  # prune_opt.py: the error of keeping i of H heads is mu
 
 
 def faithful(scores, attn_cost, neuron_cost, mu, weighting=None, variant="bert", neuron_share=None):
-    """The allocation rule of the authors' code, literally (DESIGN.md §3).
+    """The allocation rule of the authors' code, literally (docs/design.md §3).
 
     variant 'bert' (prune_bert.py; encoders) or 'opt' (prune_opt.py; decoders). `weighting` is
     not used: each variant fixes its own. neuron_share: the share w_n of a layer's MACs that its
@@ -243,7 +235,7 @@ def greedy(scores, attn_cost, neuron_cost, mu, weighting="sqrt_remaining"):
 def ffn_greedy(scores, attn_cost, neuron_cost, mu, weighting="expfit"):
     """Every attention unit kept; the rest of the budget spent on neurons as `greedy` spends it.
 
-    On a Llama-family decoder (SmolLM2, README) dropping whole key/value groups hurt
+    On a Llama-family decoder (SmolLM2, docs/results.md) dropping whole key/value groups hurt
     perplexity far more than their output error predicts, while neuron errors were
     faithful. When μ is too small to keep every unit, this is `greedy`.
     """
@@ -261,7 +253,7 @@ def _knapsack(scores, attn_cost, neuron_cost, budget, weighting, kinds):
     cost = {"attn": attn_cost, "neuron": neuron_cost}
     items = []  # (gain per MAC, layer, kind, units in the segment)
     for l, s in enumerate(scores):
-        for kind, errors, weight in (("attn", s.attn_errors, w_attn[l]), ("neuron", s.neuron_costs, w_neuron[l])):
+        for kind, errors, weight in (("attn", s.attn_errors, w_attn[l]), ("neuron", s.neuron_errors, w_neuron[l])):
             if kind not in kinds:
                 continue
             removed = (weight * errors[0]) ** 2 - (weight * np.asarray(errors)) ** 2  # cumulative, k = 0..n

@@ -143,8 +143,10 @@ def ordered_factor(G, order, relative_ridge=RIDGE):
         L, info = torch.linalg.cholesky_ex(Gp + ridge * eye)
         if int(info) == 0:
             if attempt:
-                warnings.warn(f"Gram matrix indefinite after rounding: ridge raised to {ridge:.2e} "
-                              f"({ridge / first:.0e} times the one asked for)", RuntimeWarning, stacklevel=2)
+                # the same words for every block, so that a run prints it once, not once per layer
+                warnings.warn(f"a Gram matrix was indefinite after rounding (rank-deficient activations): its "
+                              f"ridge was raised to {ridge / first:.0e} times the one asked for", RuntimeWarning,
+                              stacklevel=2)
             return Factor(order=order.cpu(), R=L.T.contiguous(), ridge=ridge)
         ridge *= 100
     raise ValueError("Gram matrix is not positive semi-definite (NaN or Inf in activations?)")

@@ -1,4 +1,4 @@
-"""The STAT pipeline (DESIGN.md §4), layer by layer, for any model an adapter describes.
+"""The STAT pipeline (docs/design.md §4), layer by layer, for any model an adapter describes.
 
 1. Capture the inputs of the first layer for every calibration batch.
 2. Pass 1, on the dense model: run the layers one at a time over all batches, feeding each
@@ -8,16 +8,17 @@
    already pruned layers below it, so that each layer's ID is that of the inputs it will
    really receive; the attention units are pruned, then (with the pruned attention in place)
    the neurons. With the default correction each block reproduces its own output given those
-   inputs (the error that arrives from below is carried, not undone); with
-   Correction(target='dense') the dense model's layer inputs are carried alongside, through
-   the same layers before they are pruned, and each block reproduces the dense model's
-   output instead (DESIGN.md §4).
+   inputs (the error that arrives from below is carried, not undone); with correction
+   'dense' the dense model's layer inputs are carried alongside, through the same layers
+   before they are pruned, and each block reproduces the dense model's output and the
+   residual stream's gap instead (docs/design.md §4).
 
 Only one layer and the calibration activations are on the device at a time (the runtime of
 prerequisites/layerwise.py), which is what lets a large model prune on one GPU. Inside a layer
 the activations at the two cut points are reused: the kept units' outputs do not change when
 other units go, so the attention is run once per batch.
 """
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,15 +28,15 @@ import torch
 
 from prerequisites.layerwise import capture_inputs, each_layer
 from prune.allocation import ALLOCATORS, LayerScores
-from prune.interpolative import RIDGE, expand_groups
-from prune.units import PRICE_FOLDS, SELF, Correction, MagnitudePruner, UnitPruner
+from prune.interpolative import expand_groups
+from prune.units import PRICE_FOLDS, TARGETS, MagnitudePruner, UnitPruner
 
 # every pruning method, the one list the flags offer: stat and magnitude run through
 # stat_prune below; kwon (Kwon et al. 2022) needs labelled batches and runs through
 # prune/kwon.py's kwon_prune
 METHODS = ("stat", "magnitude", "kwon")
 # Where each layer's IDs (the choice of units and the correction) are measured:
-# sequential: both IDs of a layer on the pruned layers below it (DESIGN.md §4);
+# sequential: both IDs of a layer on the pruned layers below it (docs/design.md §4);
 # dense_ffn: only the attention IDs re-measured so, the FFN IDs from the dense model;
 # one_shot: every ID from the dense model (the authors' OPT order: all IDs on the dense model,
 #   then FFNs and heads pruned; with every ID fixed beforehand, the order of pruning is moot);
@@ -43,17 +44,20 @@ METHODS = ("stat", "magnitude", "kwon")
 #   then the attention IDs measured on that FFN-pruned model (all its heads still there) and
 #   every head pruned.
 CALIBRATIONS = ("sequential", "dense_ffn", "one_shot", "ffn_then_attn")
-# the calibrations whose pass 2 can carry the dense model's inputs (Correction(target='dense'))
+# what each correction reproduces (prune/units.py): 'self', the block's own output on the
+# inputs it receives; 'dense', the dense model's output and the residual stream's gap (the
+# dense model's activations carried beside the pruned model's: pass 2 must measure them)
+CORRECTIONS = TARGETS
 DENSE_TARGET_CALIBRATIONS = ("sequential", "dense_ffn")
-# how pass 1 prices dropping neurons for the knapsack allocators: the error of the scaled ID
-# ('id'), or the error it makes in the output of the FFN ('output', like the heads')
-NEURON_ERRORS = ("id", "output")
 # what pass 1's prices are measured on: the calibration batches the IDs are fitted on
 # ('insample'), or ('heldout') cross-validated: the batches in PRICE_FOLDS folds (batch b in
 # fold b mod 4), each priced by the ID fitted on the others: the error each truncation will
 # really leave on data it was not fitted on (pass 1 then scores every batch)
 PRICINGS = ("insample", "heldout")
-HELDOUT_EVERY = PRICE_FOLDS  # a 'heldout' ridge of the Correction: every 4th calibration batch judges it
+
+
+class CalibrationWarning(UserWarning):
+    """Fewer calibration rows (tokens) than a block has units: its IDs are underdetermined."""
 
 
 @dataclass
@@ -63,79 +67,100 @@ class PruneResult:
     scores: list = field(default_factory=list)
     allocation: str = ""
     seconds: float = 0.0
-    ridges: list = field(default_factory=list)  # per layer, the ridges chosen for (attention, FFN), or None
 
 
-def attn_pruner(adapter, layer, sketch_rows=None, sketch_seed=0, correction=SELF, held_out_prices=False):
+def attn_pruner(adapter, layer, sketch_rows=None, sketch_seed=0, target="self", held_out_prices=False):
     """The UnitPruner of a layer's attention units (None when it has none left)."""
     if not adapter.n_attn_units(layer):
         return None
     return UnitPruner.attention(adapter.get(layer, adapter.attn_consumer), adapter.attn_unit_dims(), sketch_rows,
-                                sketch_seed, correction, held_out_prices)
+                                sketch_seed, target, held_out_prices)
 
 
-def neuron_pruner(adapter, layer, sketch_rows=None, sketch_seed=0, correction=SELF, held_out_prices=False):
+def neuron_pruner(adapter, layer, sketch_rows=None, sketch_seed=0, target="self", held_out_prices=False):
     """The UnitPruner of a layer's FFN neurons (None when it has none left)."""
     if not adapter.n_neurons(layer):
         return None
-    return UnitPruner.neurons(adapter.get(layer, adapter.ffn_consumer), sketch_rows, sketch_seed, correction,
+    return UnitPruner.neurons(adapter.get(layer, adapter.ffn_consumer), sketch_rows, sketch_seed, target,
                               held_out_prices)
 
 
-def layer_scores(attn, neurons, neuron_errors="id"):
+def layer_scores(attn, neurons):
     """What the solved pruners of one dense layer say every truncation costs (an empty block
     scores as nothing to keep)."""
-    attn_errors = attn.output_errors() if attn else np.zeros(1)
+    attn_errors = attn.prices() if attn else np.zeros(1)
     if neurons is None:
         return LayerScores(attn_errors, np.zeros(0), np.zeros(1))
-    output_errors = neurons.output_errors() if neuron_errors == "output" else None
-    return LayerScores(attn_errors, neurons.pivots(), neurons.errors(), output_errors)
+    return LayerScores(attn_errors, neurons.pivots(), neurons.prices())
 
 
-def dense_correction(correction, prunes):
-    """The correction of pass 1's pruners: on the dense model the inputs are the dense ones, so
-    the target is their own output; the refit's ridge and a held-out choice of the ID's matter
-    only when they prune (`prunes`: one_shot, dense_ffn, ffn_then_attn), the constant column
-    and a fixed ID ridge always (they change the IDs and their prices)."""
-    id_ridge = correction.id_ridge if prunes or correction.id_ridge != "heldout" else RIDGE
-    return Correction(bias=correction.bias, add_bias=correction.add_bias,
-                      ridge=correction.ridge if prunes else None, id_ridge=id_ridge)
+def fitted_rows(inputs, held_out_prices):
+    """The fewest calibration rows (real tokens) any of pass 1's IDs is fitted on: every row,
+    or with held-out prices (folds of batch b mod PRICE_FOLDS) every row but one fold's."""
+    rows = [int(m.sum()) if m is not None else x.shape[:-1].numel() for x, m in zip(inputs.hidden, inputs.masks)]
+    folds = [sum(rows[f::PRICE_FOLDS]) for f in range(PRICE_FOLDS)]
+    if not held_out_prices or sum(1 for f in folds if f) < 2:
+        return sum(rows)
+    return sum(rows) - max(folds)
 
 
-def held_out(b, correction):
-    """Whether calibration batch b only judges a ridge (a Correction with a 'heldout' ridge)."""
-    return correction.holds_out and b % HELDOUT_EVERY == HELDOUT_EVERY - 1
+def warn_if_too_few_rows(model, adapter, rows, more_tokens):
+    """One CalibrationWarning naming the blocks whose Grams have fewer rows than columns (an
+    FFN's neurons, an attention block's dims), and what to calibrate on instead: more_tokens,
+    given the factor by which the calibration tokens must grow, says how (the flag to pass)."""
+    thin = {}  # (kind, columns) -> layers
+    for l, layer in enumerate(adapter.layers(model)):
+        for kind, columns in (("FFN", adapter.n_neurons(layer)),
+                              ("attention", adapter.n_attn_units(layer) * adapter.attn_unit_dims())):
+            if columns > rows:
+                thin.setdefault((kind, columns), []).append(l)
+    if not thin:
+        return
+    blocks = "; ".join(f"{kind} of layers {_spans(layers)}: {columns} {'neurons' if kind == 'FFN' else 'dims'}"
+                       for (kind, columns), layers in thin.items())
+    factor = max(columns for _, columns in thin) / max(rows, 1)
+    warnings.warn(f"too few calibration tokens: pass 1 fits the IDs on {rows} rows (tokens), fewer than the units of "
+                  f"these blocks ({blocks}), so their IDs are underdetermined and the allocation degenerates; "
+                  f"calibrate on at least {math.ceil(factor * 10) / 10}x as many tokens"
+                  + (f" ({more_tokens(factor)})" if more_tokens else ""), CalibrationWarning, stacklevel=3)
+
+
+def _spans(indices):
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    spans, start = [], indices[0]
+    for prev, cur in zip(indices, indices[1:] + [None]):
+        if cur != prev + 1:
+            spans.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(spans)
 
 
 @torch.no_grad()
 def measure_dense(model, adapter, inputs, device, keep=(), sketch_rows=None, sketch_seed=0, ffn=True,
-                  progress=True, desc="pass 1: dense Grams", store=None, correction=SELF, neuron_errors="id",
-                  pricing="insample"):
+                  progress=True, desc="pass 1: dense Grams", store=None, pricing="insample"):
     """Pass 1: every layer's pruners fed on the model as it is (dense, but for ffn_then_attn),
     and the scores they give; and the solved pruners of the blocks named in `keep` ("attn",
     "ffn"; the others None), to prune from these IDs. ffn=False: the attention's only.
-    correction: the run's; its target here is always the block's own output (dense_correction).
-    pricing: PRICINGS."""
+    On the dense model both correction targets agree: the block's own output. pricing: PRICINGS."""
     scores, pruners = [], []
-    correction = dense_correction(correction, bool(keep))
     priced = pricing == "heldout"
     for _, layer in each_layer(model, adapter, device, store, desc=desc, progress=progress):
-        attn = attn_pruner(adapter, layer, sketch_rows, sketch_seed, correction, priced)
-        neurons = neuron_pruner(adapter, layer, sketch_rows, sketch_seed, correction, priced) if ffn else None
+        attn = attn_pruner(adapter, layer, sketch_rows, sketch_seed, held_out_prices=priced)
+        neurons = neuron_pruner(adapter, layer, sketch_rows, sketch_seed, held_out_prices=priced) if ffn else None
         for b, (x, extras, mask) in enumerate(zip(inputs.hidden, inputs.extras, inputs.masks)):
             context = adapter.attention_context(layer, x, extras)
-            fold = b % PRICE_FOLDS if priced else None  # the last fold is also a ridge choice's held-out part
+            fold = b % PRICE_FOLDS if priced else 0
             if attn:
-                attn.add_batch(context, mask, held_out=held_out(b, correction), fold=fold)
+                attn.add_batch(context, mask, fold=fold)
             h = adapter.after_attention(layer, context, x)
             hidden = adapter.ffn_hidden(layer, h)
             if neurons:
-                neurons.add_batch(hidden, mask, held_out=held_out(b, correction), fold=fold)
+                neurons.add_batch(hidden, mask, fold=fold)
             inputs.hidden[b] = adapter.after_ffn(layer, hidden, h)
         for pruner in (attn, neurons):
             if pruner:
                 pruner.solve()
-        scores.append(layer_scores(attn, neurons, neuron_errors))
+        scores.append(layer_scores(attn, neurons))
         if keep:  # off the device: only the layer being worked on may be there
             pruners.append(tuple(p.to("cpu") if p and kind in keep else None
                                  for kind, p in (("attn", attn), ("ffn", neurons))))
@@ -174,29 +199,25 @@ def neuron_weight_norms(adapter, layer):
 
 @torch.no_grad()
 def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_ffn_pruners=None, sketch_rows=None,
-                     sketch_seed=0, progress=True, store=None, correction=SELF, dense_orders=None):
+                     sketch_seed=0, progress=True, store=None, correction="self"):
     """Pass 2: prune from the bottom, each layer's IDs measured on the pruned layers below.
-    Returns, per layer, the ridges chosen for (attention, FFN) (None where none was chosen).
 
     With `dense_ffn_pruners` (per layer, the solved FFN pruner of pass 1), the FFN IDs come
     from the dense model instead (only the attention is re-measured), which saves the
     costliest Gram products.
 
-    With Correction(target='dense'), a copy of the layer inputs goes through each layer before
-    it is pruned (while it is on the device, with `store` too): the dense model's activations,
-    fed to the pruners beside the pruned ones. A block that keeps every unit is refitted too
-    once the layers below have changed.
-    With `dense_orders` (per layer, the units' orders of pass 1), the kept units are those the
-    dense model's IDs choose; only the corrections are fitted here.
+    With correction 'dense', a copy of the layer inputs goes through each layer before it is
+    pruned (while it is on the device, with `store` too): the dense model's activations, fed
+    to the pruners beside the pruned ones with the residual stream's gap. A block that keeps
+    every unit is refitted too once the layers below have changed.
 
     Memory: two activation-sized sets of tensors at most (three with the dense target), the
     layer's inputs and its attention outputs (and the dense stream), each batch's dropped as
     soon as it has been used for the last time.
     """
-    dense = correction.target == "dense"
+    dense = correction == "dense"
     dense_hidden = [x.clone() for x in inputs.hidden] if dense else None
     drifted = False  # whether the pruned model's activations differ from the dense model's yet
-    ridges = []
     for l, layer in each_layer(model, adapter, device, store, changes=True, desc="pass 2: prune", progress=progress):
         pruner = attn_pruner(adapter, layer, sketch_rows, sketch_seed, correction)
         if pruner and not (attn_units[l] < pruner.n or (drifted and dense)):
@@ -204,22 +225,20 @@ def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_
         contexts = []
         for b, (x, extras, mask) in enumerate(zip(inputs.hidden, inputs.extras, inputs.masks)):
             contexts.append(adapter.attention_context(layer, x, extras))
-            context_dense = x_dense = None
+            targets = {}
             if dense:  # the dense block's input and output, before the block changes
                 x_dense = dense_hidden[b]
                 context_dense = adapter.attention_context(layer, x_dense, extras)
                 dense_hidden[b] = adapter.after_attention(layer, context_dense, x_dense)
+                targets = {"A_dense": context_dense, "residual": x_dense - x} if pruner else {}
             if pruner:
-                pruner.add_batch(contexts[b], mask, **_dense_inputs(correction, context_dense, x_dense, x),
-                                 held_out=held_out(b, correction))
+                pruner.add_batch(contexts[b], mask, **targets)
         kept_dims = None
-        ridges.append([None, None])
         if pruner:
-            keep, W_O, bias = pruner.solve(dense_orders and dense_orders[l][0]).prune(attn_units[l])
-            adapter.prune_attn_units(layer, keep, W_O, bias)
+            keep, W_O = pruner.solve().prune(attn_units[l])
+            adapter.prune_attn_units(layer, keep, W_O)
             kept_dims = expand_groups(keep, adapter.attn_unit_dims()).to(device)
             drifted = True
-            ridges[l][0] = pruner.chosen_ridge
         del pruner
         # the kept units' outputs are unchanged by the pruning: reuse them, in place; and the
         # layer's inputs are not needed past the attention's residual: drop them, so that the
@@ -234,34 +253,25 @@ def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_
         if pruner and not (neurons[l] < pruner.n or (drifted and dense and fed)):
             pruner = None
         for b, (h, mask) in enumerate(zip(hs, inputs.masks)):
-            hidden_dense = h_dense = None
+            targets = {}
             if dense:
                 h_dense = dense_hidden[b]
                 hidden_dense = adapter.ffn_hidden(layer, h_dense)
                 dense_hidden[b] = adapter.after_ffn(layer, hidden_dense, h_dense)
+                targets = {"A_dense": hidden_dense, "residual": h_dense - h} if pruner and fed else {}
             if pruner and fed:
-                pruner.add_batch(adapter.ffn_hidden(layer, h), mask,
-                                 **_dense_inputs(correction, hidden_dense, h_dense, h),
-                                 held_out=held_out(b, correction))
+                pruner.add_batch(adapter.ffn_hidden(layer, h), mask, **targets)
         if pruner:
             if fed:
-                pruner.solve(dense_orders and dense_orders[l][1])
+                pruner.solve()
             adapter.prune_neurons(layer, *pruner.prune(neurons[l]))
             drifted = True
-            ridges[l][1] = pruner.chosen_ridge
         del pruner
 
         for b, h in enumerate(hs):
             inputs.hidden[b] = adapter.after_ffn(layer, adapter.ffn_hidden(layer, h), h)
             hs[b] = None
         del contexts, hs  # one list under two names
-    return ridges
-
-
-def _dense_inputs(correction, A_dense, x_dense, x):
-    """The keyword arguments of UnitPruner.add_batch that a correction asks for."""
-    return {"A_dense": A_dense if correction.target == "dense" else None,
-            "residual": x_dense - x if correction.residual else None}
 
 
 @torch.no_grad()
@@ -287,8 +297,8 @@ def spread_subset(items, fraction):
 
 def stat_prune(model, adapter, batches, costs, mu, device, method="stat", allocation=None,
                calibration="sequential", weighting=None, sketch_rows=None, sketch_seed=0, score_fraction=0.25,
-               neuron_share=None, progress=True, store=None, correction=SELF, neuron_errors="id",
-               select_on="pruned", pricing="insample"):
+               neuron_share=None, progress=True, store=None, correction="self", pricing="insample",
+               more_tokens=None):
     """Prune `model` in place to at most μ of its attention and FFN MACs. Returns a PruneResult.
 
     costs: (MACs of one attention unit, MACs of one neuron), numbers (efficiency/macs.py).
@@ -299,22 +309,21 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     share of `costs`).
     score_fraction: the share of the calibration batches (evenly spread) that pass 1 scores
     the dense model on. The allocation is a coarse decision: a quarter of the data measured
-    as well as all of it (README), at a quarter of the cost; the IDs of pass 2 always use
-    every batch. (one_shot, dense_ffn and ffn_then_attn prune with IDs from pass 1, so there
-    pass 1 uses every batch; so does select_on='dense'.)
+    as well as all of it (docs/results.md), at a quarter of the cost; the IDs of pass 2 always
+    use every batch. (one_shot, dense_ffn and ffn_then_attn prune with IDs from pass 1, so
+    there pass 1 uses every batch.)
     sketch_rows, sketch_seed: CountSketch every batch to this many rows (None: exact Grams),
     with random buckets and signs drawn from this seed.
     store: a LayerStore when the layers live on disk between their turns (--low_memory).
-    correction: how each consumer is refitted (prune/units.py Correction); the blocks that
-    prune with pass 1's IDs see the dense model's inputs, where the 'self' and 'dense' targets
-    agree (the dense target needs a calibration in DENSE_TARGET_CALIBRATIONS).
-    neuron_errors: how pass 1 prices neurons for the knapsack allocators (NEURON_ERRORS).
+    correction: CORRECTIONS, what each pass-2 correction reproduces ('dense' needs a
+    calibration in DENSE_TARGET_CALIBRATIONS); the blocks that prune with pass 1's IDs see
+    the dense model's inputs, where the two agree.
     pricing: what pass 1 prices on (PRICINGS); 'heldout' scores every batch (score_fraction
     is not used), since its prices should be those of an ID fitted on about as much data as
     pass 2's.
-    select_on: 'pruned' (pass 2's IDs choose the units, on the activations of the pruned layers
-    below) or 'dense' (pass 1's IDs on the dense model choose them; pass 2 fits the
-    corrections; sequential calibration only).
+    more_tokens: given the factor by which the calibration tokens should grow, the words that
+    say how (a script's flag), for the CalibrationWarning raised when pass 1's Grams have
+    fewer rows than a block has units.
     `magnitude` never corrects.
     """
     if method not in METHODS or method == "kwon":
@@ -324,29 +333,27 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     allocation = allocation or adapter.default_allocation
     if allocation not in ALLOCATORS:
         raise ValueError(f"unknown allocation {allocation!r}: choose from {', '.join(ALLOCATORS)}")
-    if correction.target == "dense" and calibration not in DENSE_TARGET_CALIBRATIONS:
+    if correction not in CORRECTIONS:
+        raise ValueError(f"unknown correction {correction!r}: choose from {', '.join(CORRECTIONS)}")
+    if correction == "dense" and calibration not in DENSE_TARGET_CALIBRATIONS:
         raise ValueError(f"the dense correction target needs calibration {' or '.join(DENSE_TARGET_CALIBRATIONS)}")
-    if select_on not in ("pruned", "dense") or (select_on == "dense" and calibration != "sequential"):
-        raise ValueError(f"select_on must be 'pruned', or 'dense' with sequential calibration, not {select_on!r}")
     if pricing not in PRICINGS:
         raise ValueError(f"unknown pricing {pricing!r}: choose from {', '.join(PRICINGS)}")
-    if neuron_errors not in NEURON_ERRORS:
-        raise ValueError(f"unknown neuron errors {neuron_errors!r}: choose from {', '.join(NEURON_ERRORS)}")
     start = time.perf_counter()
     model.eval()
     batches = list(batches)
     sketch = dict(sketch_rows=sketch_rows, sketch_seed=sketch_seed)
     keep = {"sequential": (), "dense_ffn": ("ffn",), "one_shot": ("attn", "ffn"),
             "ffn_then_attn": ("ffn",)}[calibration] if method == "stat" else ()
-    if method == "stat" and select_on == "dense":
-        keep = ("attn", "ffn")
     if pricing == "heldout" and len(batches) < 2:
         warnings.warn("held-out pricing needs at least 2 calibration batches: the prices are in-sample",
                       RuntimeWarning, stacklevel=2)
     every_batch = keep or pricing == "heldout"
     inputs = capture_inputs(model, adapter, batches if every_batch else spread_subset(batches, score_fraction), device)
+    if method == "stat":
+        warn_if_too_few_rows(model, adapter, fitted_rows(inputs, pricing == "heldout"), more_tokens)
     scores, pruners = measure_dense(model, adapter, inputs, device, keep=keep, progress=progress, store=store,
-                                    correction=correction, neuron_errors=neuron_errors, pricing=pricing, **sketch)
+                                    pricing=pricing, **sketch)
     del inputs
     attn_cost, neuron_cost = costs
     options = {}
@@ -354,7 +361,6 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
         options = {"variant": "opt" if adapter.is_decoder else "bert", "neuron_share": neuron_share}
     attn_units, neurons = ALLOCATORS[allocation](scores, attn_cost, neuron_cost, mu,
                                                  weighting or adapter.depth_weighting, **options)
-    ridges = []
     if method == "magnitude":
         prune_from_pruners(model, adapter, attn_units, neurons, lambda l, layer: magnitude_pruners(adapter, layer),
                            store)
@@ -365,17 +371,14 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
         del pruners
         inputs = capture_inputs(model, adapter, batches, device)
         _, pruners = measure_dense(model, adapter, inputs, device, keep=("attn",), ffn=False, progress=progress,
-                                   desc="attention Grams on the FFN-pruned model", store=store,
-                                   correction=correction, **sketch)
+                                   desc="attention Grams on the FFN-pruned model", store=store, **sketch)
         del inputs
         prune_from_pruners(model, adapter, attn_units, neurons, lambda l, layer: pruners[l], store)  # the attention
     else:
         inputs = capture_inputs(model, adapter, batches, device)
         dense_ffn_pruners = [ffn for _, ffn in pruners] if calibration == "dense_ffn" else None
-        dense_orders = [tuple(p and p.order for p in pair) for pair in pruners] if select_on == "dense" else None
         del pruners
-        ridges = prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_ffn_pruners,
-                                  progress=progress, store=store, correction=correction, dense_orders=dense_orders,
-                                  **sketch)
+        prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_ffn_pruners, progress=progress,
+                         store=store, correction=correction, **sketch)
     return PruneResult(attn_units=list(attn_units), neurons=list(neurons), scores=scores, allocation=allocation,
-                       seconds=time.perf_counter() - start, ridges=ridges)
+                       seconds=time.perf_counter() - start)

@@ -1,5 +1,6 @@
 """The STAT pipeline against independent computations on tiny random models."""
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import tiny
 from efficiency.macs import adapter_costs, model_macs
 from prerequisites.adapters import adapter_for
 from prerequisites.layerwise import capture_inputs
-from prune.stat import prune_sequential, stat_prune
+from prune.stat import CalibrationWarning, fitted_rows, prune_sequential, stat_prune
 
 FAMILIES = {"bert": tiny.bert, "distilbert": tiny.distilbert, "opt": tiny.opt, "llama": tiny.llama}
 
@@ -247,3 +248,49 @@ def test_the_sketch_follows_its_seed():
         weights.append(model.bert.encoder.layer[0].output.dense.weight.detach().clone())
     assert torch.equal(weights[0], weights[1])
     assert weights[0].shape != weights[2].shape or not torch.equal(weights[0], weights[2])
+
+
+# --- too few calibration tokens for the units -------------------------------------------------
+
+def test_fitted_rows_counts_real_tokens_and_the_smallest_fit():
+    model = tiny.bert()
+    adapter = adapter_for(model)
+    batches = tiny.random_batches(n_batches=6, batch=4, length=12)
+    real = [int(b["attention_mask"].sum()) for b in batches]
+    inputs = capture_inputs(model, adapter, batches, "cpu")
+    assert fitted_rows(inputs, held_out_prices=False) == sum(real)
+    # held out: batch b in fold b mod 4; each fold's ID is fitted on the other folds' rows
+    folds = [real[0] + real[4], real[1] + real[5], real[2], real[3]]
+    assert fitted_rows(inputs, held_out_prices=True) == sum(real) - max(folds)
+    one = capture_inputs(model, adapter, batches[:1], "cpu")
+    assert fitted_rows(one, held_out_prices=True) == real[0]  # a single fold: in-sample
+
+
+def calibration_warnings(model, batches, **kwargs):
+    adapter = adapter_for(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stat_prune(model, adapter, batches, adapter_costs(adapter, 12), 0.5, "cpu", progress=False, **kwargs)
+    return [str(w.message) for w in caught if issubclass(w.category, CalibrationWarning)]
+
+
+def test_too_few_rows_for_the_units_warns_once_naming_the_blocks():
+    """An FFN of 64 neurons and attention of 32 dims, calibrated on one batch of 2 x 12 real
+    tokens: one warning, naming both kinds of block, the rows and the units, and what to pass."""
+    batches = tiny.random_batches(n_batches=1, batch=2, length=12, pad=False)
+    caught = calibration_warnings(tiny.bert(layers=3), batches, score_fraction=1.0,
+                                  more_tokens=lambda factor: f"--more {factor:.2f}")
+    assert len(caught) == 1, caught
+    assert "24 rows (tokens)" in caught[0]
+    assert "FFN of layers 0-2: 64 neurons" in caught[0] and "attention of layers 0-2: 32 dims" in caught[0]
+    assert "at least 2.7x as many tokens (--more 2.67)" in caught[0]  # 64 / 24
+
+
+def test_enough_rows_for_the_units_do_not_warn():
+    batches = tiny.random_batches(n_batches=4, batch=4, length=12, pad=False)  # 192 rows for 64 neurons
+    assert calibration_warnings(tiny.bert(layers=3), batches, score_fraction=1.0) == []
+    # but pass 1 on a quarter of them (48 rows) is too few, and so is a quarter held out by each fold
+    assert len(calibration_warnings(tiny.bert(layers=3), batches, score_fraction=0.25)) == 1
+    batches = tiny.random_batches(n_batches=4, batch=2, length=11, pad=False)  # 88 rows, 66 fitted per fold
+    assert calibration_warnings(tiny.bert(layers=3), batches, pricing="heldout") == []
+    assert len(calibration_warnings(tiny.bert(layers=3, ffn=72), batches, pricing="heldout")) == 1

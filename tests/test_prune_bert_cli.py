@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import pipelines.encoder
 import prune_bert
 import tiny
 from prerequisites.checkpoint import load_model
+from prune.stat import CalibrationWarning
 from utils.cli import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,7 +179,7 @@ def test_real_process_exit_status(tmp_path):
 
 # --- protocols, provenance, the dense-score cache ---------------------------------------------
 
-PROVENANCE = ("protocol", "allocation", "calibration", "score_fraction", "mac_split", "sampler", "pricing", "id_ridge",
+PROVENANCE = ("protocol", "allocation", "calibration", "score_fraction", "mac_split", "sampler", "pricing", "correction",
               "sketch", "sketch_seed", "batch_size", "dtype", "mac_ratio", "mac_ratio_authors", "dense_cached", "argv",
               "git_commit", "git_dirty", "versions")
 
@@ -254,3 +256,20 @@ def test_with_replacement_may_ask_for_more_examples_than_the_training_set(checkp
     record = prune_bert.main(sst2_argv(checkpoints, tmp_path, "--sampler", "with_replacement",
                                        "--sample_batch_size", "60"))  # the training set has 48
     assert record["sample_batch_size"] == 60 and record["sampler"] == "with_replacement"
+
+
+def test_too_few_calibration_tokens_is_one_warning_line_naming_the_flag(checkpoints, tmp_path):
+    """--sample_batch_size 1: one short sentence calibrates every Gram (issue 20's MiniLM case).
+    Through a real interpreter (as a user sees it): one line on stderr names the blocks, the
+    rows and the units, and the flag to pass instead; the run goes on."""
+    argv = sst2_argv(checkpoints, tmp_path, "--sample_batch_size", "1")
+    proc = subprocess.run([sys.executable, "prune_bert.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "too few calibration tokens" in line]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("warning: too few calibration tokens: pass 1 fits the IDs on ")
+    assert "FFN of layers 0-2: 64 neurons" in lines[0] and "--sample_batch_size " in lines[0]
+    with warnings.catch_warnings():  # 48 sentences, all in pass 1: enough rows for 64 neurons
+        warnings.simplefilter("error", CalibrationWarning)
+        prune_bert.main(sst2_argv(checkpoints, tmp_path, "--sample_batch_size", "48", "--score_fraction", "1"))

@@ -17,6 +17,7 @@ from dataset.lm import AUSTEN_DIR
 from evaluate.perplexity import perplexity
 from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import load_model
+from prune.stat import CalibrationWarning
 from utils.cli import run_main
 from utils.errors import UserError
 
@@ -169,14 +170,11 @@ def test_protocol_paper_end_to_end(setup, tmp_path, name):
     line = json.loads(open(tmp_path / "out" / "opt" / f"{name}.jsonl").read().splitlines()[-1])
     for key in ("protocol", "allocation", "calibration", "score_fraction", "mac_split", "calib_task", "eval_tasks",
                 "sketch", "sketch_seed", "batch_size", "dtype", "mac_ratio", "mac_ratio_authors", "dense_cached",
-                "argv", "git_commit", "git_dirty", "versions", "correction", "residual_correction",
-                "bias_compensation", "correction_ridge", "id_ridge", "neuron_errors", "pricing"):
+                "argv", "git_commit", "git_dirty", "versions", "correction", "pricing"):
         assert key in line, key
     assert (line["protocol"], line["allocation"], line["calibration"], line["mac_split"]) == (
         "paper", "faithful", "one_shot", "authors")
-    assert (line["correction"], line["residual_correction"], line["bias_compensation"], line["correction_ridge"],
-            line["id_ridge"], line["neuron_errors"], line["pricing"]) == ("self", False, "off", "id", 1e-8, "id",
-                                                                          "insample")  # the authors'
+    assert (line["correction"], line["pricing"]) == ("self", "insample")  # the authors'
 
     assert line["score_fraction"] == 1.0 and line["calib_task"] == "text" and line["eval_tasks"] == ["text"]
     assert line["task"] == "text" and line["dtype"] == "float32" and line["batch_size"] == 4
@@ -229,3 +227,15 @@ def test_the_dense_perplexity_is_cached(setup, tmp_path):
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert not prune_opt.main(argv)["dense_cached"]
+
+
+def test_too_few_calibration_tokens_warns_with_the_windows_to_pass(setup, tmp_path):
+    argv = ["--model_name", "tiny-llama", "--model_dir", setup["tiny-llama"], "--task", "text", "--data_dir",
+            setup["data"], "--mu", "0.6", "--nsamples", "1", "--seqlen", "40", "--eval_samples", "2",
+            "--output_dir", str(tmp_path / "out"), "--device", "cpu"]
+    with pytest.warns(CalibrationWarning) as caught:
+        prune_opt.main(argv)
+    lines = [str(w.message) for w in caught if w.category is CalibrationWarning]
+    # one window of 40 tokens for 64 neurons: 1.6x as many tokens, 2 windows
+    assert len(lines) == 1 and "on 40 rows (tokens)" in lines[0], lines
+    assert "FFN of layers 0-2: 64 neurons" in lines[0] and "(--nsamples 2 at --seqlen 40)" in lines[0]

@@ -21,7 +21,6 @@ from prerequisites.checkpoint import load_model, save_pruned
 from prerequisites.layerwise import each_layer
 from prerequisites.streaming import INDEX_FILE, load_streamed
 from prune.stat import stat_prune
-from prune.units import SELF, Correction
 from quantize.sequential import quantize_model
 from quantize.storage import QUANTIZED, save_quantized
 from test_adapters import shrink
@@ -80,16 +79,12 @@ def test_a_streamed_model_is_the_checkpoint_with_empty_layers(family, tmp_path):
     assert torch.equal(got, expected)
 
 
-# the corrections beyond the paper: the dense stream carried beside the pruned one, and biases
-# that Llama's o_proj/down_proj gain, through layers that live on disk between their turns (and
-# held-out prices, their folds' Grams beside each layer in pass 1)
-EVERY_CORRECTION = Correction(target="dense", residual=True, bias=True, add_bias=True, ridge="heldout")
-
-
+# the last case: the dense stream carried beside the pruned one through layers that live on disk
+# between their turns, and held-out prices (their folds' Grams beside each layer in pass 1)
 @pytest.mark.parametrize("family,method,calibration,correction,pricing", [
-    ("opt", "stat", "sequential", SELF, "insample"), ("llama", "stat", "sequential", SELF, "insample"),
-    ("tied-llama", "stat", "sequential", SELF, "insample"), ("tied-llama", "stat", "one_shot", SELF, "insample"),
-    ("opt", "magnitude", None, SELF, "insample"), ("llama", "stat", "sequential", EVERY_CORRECTION, "heldout")])
+    ("opt", "stat", "sequential", "self", "insample"), ("llama", "stat", "sequential", "self", "insample"),
+    ("tied-llama", "stat", "sequential", "self", "insample"), ("tied-llama", "stat", "one_shot", "self", "insample"),
+    ("opt", "magnitude", None, "self", "insample"), ("llama", "stat", "sequential", "dense", "heldout")])
 def test_streamed_pruning_writes_the_same_checkpoint(family, method, calibration, correction, pricing, tmp_path):
     dense_path = saved(FAMILIES[family](), tmp_path / "dense")
     batches = tiny.random_batches(n_batches=4, batch=4, length=16)
@@ -117,8 +112,6 @@ def test_streamed_pruning_writes_the_same_checkpoint(family, method, calibration
     assert json.load(open(tmp_path / "streamed" / "config.json"))["stat_heads"] == in_memory.attn_units
     expected = logits(load_model(str(tmp_path / "in-memory")), batches)
     assert torch.equal(logits(load_model(str(tmp_path / "streamed")), batches), expected)
-    if correction.add_bias:  # the biases Llama's consumers gained went to disk and back
-        assert any(key.endswith("down_proj.bias") for key in load_model(str(tmp_path / "streamed")).state_dict())
     remote = AutoModelForCausalLM.from_pretrained(str(tmp_path / "streamed"), trust_remote_code=True)
     assert torch.equal(logits(remote.eval(), batches), expected)
 

@@ -5,6 +5,7 @@ import argparse
 import os
 import random
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -44,7 +45,9 @@ def flag_pairs(argv):
 
 
 def run_main(main):
-    """Call main(); turn a UserError into `error: <message>` and exit status 2."""
+    """Call main(); turn a UserError into `error: <message>` and exit status 2. Warnings are
+    printed as one line `warning: <message>` (not Python's file:line and source line)."""
+    python_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         main()
     except UserError as err:
@@ -53,6 +56,12 @@ def run_main(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        warnings.formatwarning = python_format
+
+
+def _one_line_warning(message, *_args, **_kwargs):
+    return f"warning: {message}\n"
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -31,15 +31,12 @@ def keep_output_rows(linear, rows):
     return new
 
 
-def with_input_weight(linear, weight, bias=None):
-    """A linear map with a new input side (the consumer of pruned units), and a new bias when
-    given (a map without one gains one), else its bias unchanged."""
-    new = new_linear(weight.shape[1], linear.out_features, bias is not None or linear.bias is not None, linear)
+def with_input_weight(linear, weight):
+    """A linear map with a new input side (the consumer of pruned units), its bias unchanged."""
+    new = new_linear(weight.shape[1], linear.out_features, linear.bias is not None, linear)
     with torch.no_grad():
         new.weight.copy_(weight.to(new.weight))
-        if bias is not None:
-            new.bias.copy_(bias.to(new.bias))
-        elif linear.bias is not None:
+        if linear.bias is not None:
             new.bias.copy_(linear.bias)
     return new
 
@@ -47,7 +44,7 @@ def with_input_weight(linear, weight, bias=None):
 class Adapter:
     family = None
     depth_weighting = "sqrt_remaining"  # how `greedy` protects early layers (see prune/allocation.py)
-    default_allocation = "greedy"  # measured best for this kind of model (README)
+    default_allocation = "greedy"  # measured best for this kind of model (docs/results.md)
     capture_kwargs = {}  # extra model arguments for a calibration forward pass
     is_decoder = False
     qkv = ()
@@ -141,21 +138,20 @@ class Adapter:
         raise NotImplementedError
 
     # --- shapes
-    def prune_attn_units(self, layer, keep_units, consumer_weight, consumer_bias=None):
-        """Keep some attention units (sorted indices); give the output projection its new weight
-        (and bias, when given)."""
+    def prune_attn_units(self, layer, keep_units, consumer_weight):
+        """Keep some attention units (sorted indices); give the output projection its new weight."""
         for path, rows_per_unit in self.attn_unit_producers():
             rows = (keep_units[:, None] * rows_per_unit + torch.arange(rows_per_unit)[None, :]).reshape(-1)
             self.set(layer, path, keep_output_rows(self.get(layer, path), rows))
         self.set(layer, self.attn_consumer,
-                 with_input_weight(self.get(layer, self.attn_consumer), consumer_weight, consumer_bias))
+                 with_input_weight(self.get(layer, self.attn_consumer), consumer_weight))
         self.attn_units_changed(layer, len(keep_units))
 
-    def prune_neurons(self, layer, keep, consumer_weight, consumer_bias=None):
+    def prune_neurons(self, layer, keep, consumer_weight):
         for path in self.ffn_producers:
             self.set(layer, path, keep_output_rows(self.get(layer, path), keep))
         self.set(layer, self.ffn_consumer,
-                 with_input_weight(self.get(layer, self.ffn_consumer), consumer_weight, consumer_bias))
+                 with_input_weight(self.get(layer, self.ffn_consumer), consumer_weight))
 
     def resize_layer(self, layer, n_units, n_neurons):
         """Give a freshly built layer a shape (uninitialised: weights are loaded afterwards)."""

@@ -4,7 +4,7 @@
     python opt_eval.py --model_name opt-125M --seed 0 [--task wikitext2] [--data_dir D]
     python opt_eval.py --model_name opt-125M --seed 0 --wbits 4 [--groupsize 128] [--save_model DIR]
 
-The GPTQ protocol (DESIGN.md §6), layer by layer. The quantization flags are those of
+The GPTQ protocol (docs/design.md §6), layer by layer. The quantization flags are those of
 quantize_opt.py. Results: output/opt/<model_name>.txt and .jsonl.
 """
 from pipelines import commands, decoder

@@ -10,7 +10,7 @@ time of one dense forward pass over the (--samples) calibration set (target ≤ 
 
 A variant may also be a protocol's name (`improved`, `paper`): every knob as `prune_bert.py
 --protocol <name>` sets it (pipelines/protocol.py), its calibration draw and MAC split
-included. The paper column of the README: --variants stat/greedy/sequential paper --seeds 0 1 2.
+included. The paper column of docs/protocols.md: --variants stat/greedy/sequential paper --seeds 0 1 2.
 """
 import argparse
 import copy

@@ -1,4 +1,4 @@
-"""Multiply-accumulate counts, following Kwon et al. 2022 (DESIGN.md §3): the one cost model.
+"""Multiply-accumulate counts, following Kwon et al. 2022 (docs/design.md §3): the one cost model.
 
 With sequence length S, hidden size d and head size d_h:
 - one head costs 4·S·d·d_h (Q, K, V and output projections) + 2·S²·d_h (scores, weighted sum);

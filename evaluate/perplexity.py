@@ -1,4 +1,4 @@
-"""Perplexity under the GPTQ protocol, computed layer by layer (DESIGN.md §6).
+"""Perplexity under the GPTQ protocol, computed layer by layer (docs/design.md §6).
 
 The test text is tokenized once and cut into non-overlapping windows of the model's context
 (the tail is dropped); perplexity = exp(mean over windows of the window's mean token NLL).

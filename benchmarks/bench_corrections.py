@@ -12,6 +12,7 @@ A variant is a '+'-joined list of settings on top of `today` (stat_prune's defau
   n=N              (smollm2) N calibration windows instead of --nsamples
   sf=X             --score_fraction X
   price=NAME       --pricing NAME (insample, heldout)
+  folds=N          held-out prices over N folds of the calibration batches (stat_prune's price_folds)
 (The variants of issue 14 that were removed in issue 20, bias, addbias, ridge=X, idridge=X,
 nerr, select=dense and res apart from dense, run at commit 7ed5679.)
 
@@ -79,6 +80,8 @@ def parse_variant(name):
             nsamples = int(value)
         elif key == "price":
             options["pricing"] = value
+        elif key == "folds":
+            options["price_folds"] = int(value)
         elif key == "sf":
             options["score_fraction"] = float(value)
         else:

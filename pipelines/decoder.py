@@ -23,7 +23,7 @@ from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import checkpoint_identity, load_config, load_model, load_tokenizer, save_pruned
 from prerequisites.hub import resolve_checkpoint
 from prerequisites.streaming import load_streamed
-from pipelines.flags import describe_correction
+from pipelines.flags import describe_correction, sketch_of, sketch_record
 from prune.stat import stat_prune
 from quantize.sequential import quantize_model
 from quantize.storage import QUANTIZED, is_quantized, save_quantized, weights_size_mb
@@ -177,9 +177,7 @@ def dense_perplexities(args, model, adapter, windows, device, store=None):
 
 def run_settings(args, device):
     """The settings of a run that are not the protocol's, for its record."""
-    return {"batch_size": args.batch_size, "dtype": str(resolve_dtype(args.dtype, device)).replace("torch.", ""),
-            "sketch": getattr(args, "sketch", None),
-            "sketch_seed": args.seed if getattr(args, "sketch", None) else None}
+    return {"batch_size": args.batch_size, "dtype": str(resolve_dtype(args.dtype, device)).replace("torch.", "")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,16 +191,18 @@ def prune_and_report(args, knobs, device, model, adapter, windows, calib_batches
     ppl_dense, dense_cached = dense_perplexities(args, model, adapter, windows, device, store)
     dense_shape = adapter.shape(model)
     prices = unit_prices(adapter, dense_shape, seqlen, "decoder")
-    allocation = None
+    allocation = factor = None
     start = time.perf_counter()
     if args.mu < 1.0:
-        allocation = stat_prune(model, adapter, calib_batches, prices[args.mac_split], args.mu, device,
-                                method=args.method, allocation=args.allocation, calibration=args.calibration,
-                                sketch_rows=args.sketch, sketch_seed=args.seed, score_fraction=args.score_fraction,
-                                neuron_share=AUTHORS_NEURON_SHARE["decoder"] if args.mac_split == "authors" else None,
-                                store=store, correction=args.correction if args.method == "stat" else "self",
-                                pricing=args.pricing, more_tokens=lambda factor: "--nsamples "
-                                f"{math.ceil(args.nsamples * factor)} at --seqlen {seqlen}").allocation
+        result = stat_prune(model, adapter, calib_batches, prices[args.mac_split], args.mu, device,
+                            method=args.method, allocation=args.allocation, calibration=args.calibration,
+                            sketch=sketch_of(args, seqlen), score_fraction=args.score_fraction,
+                            neuron_share=AUTHORS_NEURON_SHARE["decoder"] if args.mac_split == "authors" else None,
+                            store=store, correction=args.correction if args.method == "stat" else "self",
+                            pricing=args.pricing, factor=args.factor,
+                            more_tokens=lambda growth: f"--nsamples {math.ceil(args.nsamples * growth)} "
+                                                       f"at --seqlen {seqlen}")
+        allocation, factor = result.allocation, result.factor
     prune_seconds = time.perf_counter() - start
     ppl_pruned = (perplexities(model, adapter, windows, device, args.batch_size, "pruned", store) if args.mu < 1
                   else ppl_dense)
@@ -210,7 +210,8 @@ def prune_and_report(args, knobs, device, model, adapter, windows, calib_batches
     mac_ratio, mac_ratio_authors = mac_ratios(prices, dense_shape, (attn_units, neurons))
     return {
         "model_name": args.model_name, "task": args.task, "method": args.method, "protocol": args.protocol,
-        **knobs, "allocation": allocation, **run_settings(args, device), "mu": args.mu,
+        **knobs, "allocation": allocation, "factor": factor, **sketch_record(sketch_of(args, seqlen)),
+        **run_settings(args, device), "mu": args.mu,
         "mac_ratio": mac_ratio, "mac_ratio_authors": mac_ratio_authors,
         "seed": args.seed, "nsamples": args.nsamples, "seqlen": seqlen, "eval_samples": args.eval_samples,
         "ppl_dense": ppl_dense, "ppl_pruned": ppl_pruned, "dense_cached": dense_cached,
@@ -348,8 +349,8 @@ def finish(args, record, device):
 # The three runs
 
 
-def corrections(args):
-    return f", {describe_correction(args)}" if args.method == "stat" else ""
+def corrections(args, record):
+    return f", {describe_correction(record)}" if args.method == "stat" else ""
 
 
 def calibration_note(args, seqlen):
@@ -378,7 +379,7 @@ def prune(args):
     finish(args, record, device)
     write(args, record, [
         f"prune_opt: protocol {args.protocol}, method {args.method} (allocation {record['allocation']}, "
-        f"calibration {args.calibration}, MAC split {args.mac_split}{corrections(args)}), mu {args.mu}, "
+        f"calibration {args.calibration}, MAC split {args.mac_split}{corrections(args, record)}), mu {args.mu}, "
         f"{calibration_note(args, seqlen)}, device {device}{', low memory' if args.low_memory else ''}",
         *pruning_lines(record),
         *zero_shot_lines(record),
@@ -402,7 +403,7 @@ def quantize(args):
             del model, store  # lm-eval loads its own copies, in another process
             record.update(zero_shot_scores(args, device, checkpoints))
     pruning = (f"STAT mu {args.mu} (method {args.method}, allocation {record['allocation']}, "
-               f"calibration {args.calibration}, MAC split {args.mac_split}{corrections(args)})" if args.mu < 1
+               f"calibration {args.calibration}, MAC split {args.mac_split}{corrections(args, record)})" if args.mu < 1
                else "no pruning (mu 1)")
     finish(args, record, device)
     write(args, record, [

@@ -9,7 +9,7 @@ from efficiency.macs import AUTHORS_NEURON_SHARE, count_parameters, mac_ratios, 
 from evaluate.tasks import check_checkpoint, make_task, task_names
 from pipelines import protocol
 from pipelines.commands import encoder_result_stem
-from pipelines.flags import CORRECTION_FLAGS, describe_correction
+from pipelines.flags import CORRECTION_FLAGS, describe_correction, sketch_of, sketch_record
 from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import checkpoint_identity, load_config, load_model, load_tokenizer, save_pruned
 from prerequisites.hub import resolve_checkpoint
@@ -98,11 +98,12 @@ def prune(args):
         calib_batches = task.batch_calibration(model, calibration_sample)
         result = stat_prune(model, adapter, calib_batches, prices[args.mac_split], args.mu, device,
                             method=args.method, allocation=args.allocation, calibration=args.calibration,
-                            sketch_rows=args.sketch, sketch_seed=args.seed, score_fraction=args.score_fraction,
+                            sketch=sketch_of(args), score_fraction=args.score_fraction,
                             neuron_share=AUTHORS_NEURON_SHARE["encoder"] if args.mac_split == "authors" else None,
                             correction=args.correction if args.method == "stat" else "self",
-                            pricing=args.pricing, more_tokens=lambda factor: "--sample_batch_size "
-                            f"{math.ceil(args.sample_batch_size * factor)}")
+                            pricing=args.pricing, factor=args.factor,
+                            more_tokens=lambda growth: "--sample_batch_size "
+                                                       f"{math.ceil(args.sample_batch_size * growth)}")
 
     print("scoring the pruned model ...")
     pruned = task.evaluate(model, device)
@@ -110,8 +111,8 @@ def prune(args):
     mac_ratio, mac_ratio_authors = mac_ratios(prices, dense_shape, (attn_units, neurons))
     record = {
         "model_name": args.model_name, "task_name": args.task_name, "method": args.method,
-        "protocol": args.protocol, **knobs, "allocation": result.allocation,
-        "sketch": args.sketch, "sketch_seed": args.seed if args.sketch else None,
+        "protocol": args.protocol, **knobs, "allocation": result.allocation, "factor": result.factor or None,
+        **sketch_record(None if kwon else sketch_of(args)),
         "batch_size": args.batch_size, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "mu": args.mu, "mac_ratio": mac_ratio, "mac_ratio_authors": mac_ratio_authors,
         "seed": args.seed, "sample_batch_size": n_calibration, "dense_cached": dense_cached,

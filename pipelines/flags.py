@@ -1,13 +1,15 @@
 """The flags the entry scripts share, in groups: how STAT prunes, what a decoder run reads,
 how GPTQ quantizes. Each script builds its parser from these groups and its own flags."""
 import argparse
+import math
 
 from dataset import lm
 from dataset.glue import SAMPLERS
 from efficiency.macs import MAC_SPLITS
 from pipelines import protocol
 from prune.allocation import ALLOCATORS
-from prune.stat import CALIBRATIONS, CORRECTIONS, DENSE_TARGET_CALIBRATIONS, METHODS, PRICINGS
+from prune.gram import SKETCHES, Sketch
+from prune.stat import CALIBRATIONS, CORRECTIONS, DENSE_TARGET_CALIBRATIONS, FACTORS, METHODS, PRICINGS
 from quantize.gptq import check_groupsize
 from utils.cli import ArgumentParser, existing_dir, fraction_value, mu_value, output_dir, positive_int, seed_value
 
@@ -53,9 +55,18 @@ def add_stat_arguments(p):
                    help="[protocol] how units are priced for the budget: exact (improved): each model's own "
                         "MACs per head and neuron; authors (paper): the authors' fixed head/neuron share "
                         "(neurons 0.6623 of a layer for encoders, 4/7 for decoders)")
-    p.add_argument("--sketch", type=positive_int, metavar="ROWS",
-                   help="CountSketch each batch's activations to this many rows before its Gram product "
-                        "(approximate; for very long calibration sets; its draws follow --seed)")
+    p.add_argument("--factor", choices=FACTORS, default="auto",
+                   help="who computes the pivoted Cholesky factorisations of the IDs: torch (where the Gram lies: "
+                        "on a GPU it never leaves it), lapack (scipy's dpstrf, on the host), auto (torch on CUDA, "
+                        "lapack on the CPU, where it measured faster); the record says which ran")
+    p.add_argument("--sketch", choices=SKETCHES,
+                   help="[protocol] compress the activations before each Gram product (approximate; its draws "
+                        "follow --seed): gaussian (paper, decoders, as the authors' OPT code): each window to "
+                        "--sketch_rows rows S·A, S Gaussian; count: each batch to --sketch_rows rows (CountSketch); "
+                        "improved: none (exact Grams)")
+    p.add_argument("--sketch_rows", type=positive_int, metavar="ROWS",
+                   help="rows each window (gaussian) or batch (count) is compressed to; decoders' gaussian default: "
+                        "the authors' 100 rows per 2048-token window, scaled to --seqlen (ceil(100 * seqlen / 2048))")
     add_correction_arguments(p)
 
 
@@ -100,17 +111,42 @@ def check_stat_arguments(p, args, table):
         if args.score_fraction not in (None, 1.0):
             p.error("--score_fraction: --pricing heldout scores pass 1 on every calibration batch")
         args.score_fraction = 1.0  # what pass 1 will score, so that the record says so
-    if args.method == "stat" and value("correction") == "dense" and value("calibration") not in DENSE_TARGET_CALIBRATIONS:
+    sketch = value("sketch")
+    if args.sketch_rows and sketch is None:
+        p.error("--sketch_rows needs --sketch gaussian or count")
+    if sketch and not args.sketch_rows and (sketch == "count" or table is protocol.ENCODER):
+        p.error(f"--sketch {sketch} needs --sketch_rows" + (" (the authors' rows per window are for decoders' "
+                                                            "windows)" if sketch == "gaussian" else ""))
+    dense_target = args.method == "stat" and value("correction") == "dense"
+    if dense_target and value("calibration") not in DENSE_TARGET_CALIBRATIONS:
         origin = "" if args.calibration else f" (the {args.protocol} protocol's)"
         p.error(f"--correction dense needs --calibration {' or '.join(DENSE_TARGET_CALIBRATIONS)}, "
                 f"not {value('calibration')}{origin}")
 
 
-def describe_correction(settings):
-    """The correction knobs of a run ({flag: value}, or the flags), in words: e.g.
-    'correction self, pricing insample'."""
-    get = settings.get if isinstance(settings, dict) else lambda key: getattr(settings, key)
-    return f"correction {get('correction')}, pricing {get('pricing')}"
+AUTHORS_SKETCH = (100, 2048)  # the authors' OPT code: 100 Gaussian rows per 2048-token window
+
+
+def sketch_of(args, window=None):
+    """The prune.gram.Sketch the (resolved) flags ask for, or None; `window`: the decoders'
+    window length, which scales the authors' rows when --sketch_rows is not given."""
+    if args.sketch is None:
+        return None
+    rows = args.sketch_rows or math.ceil(AUTHORS_SKETCH[0] * window / AUTHORS_SKETCH[1])
+    return Sketch(args.sketch, rows, args.seed)
+
+
+def sketch_record(sketch):
+    """The record keys of a run's sketch."""
+    return {"sketch_rows": sketch.rows if sketch else None, "sketch_seed": sketch.seed if sketch else None}
+
+
+def describe_correction(record):
+    """How a run's blocks were corrected, priced and measured, in words, from its record: e.g.
+    'correction self, pricing insample, factor lapack, sketch gaussian 25 rows'."""
+    factor = f", factor {record['factor']}" if record.get("factor") else ""
+    sketch = f", sketch {record['sketch']} {record['sketch_rows']} rows" if record.get("sketch") else ""
+    return f"correction {record['correction']}, pricing {record['pricing']}{factor}{sketch}"
 
 
 def add_sampler_argument(p):
@@ -121,7 +157,7 @@ def add_sampler_argument(p):
 
 
 # what kwon ignores: it draws its own labelled sample (--num_samples) as Kwon et al. do
-STAT_ONLY_FLAGS = ("allocation", "calibration", "score_fraction", "sketch", "sampler",
+STAT_ONLY_FLAGS = ("allocation", "calibration", "score_fraction", "sketch", "sketch_rows", "sampler", "factor",
                    "sample_batch_size") + CORRECTION_FLAGS
 
 

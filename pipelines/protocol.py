@@ -30,6 +30,7 @@ ENCODER = {
     "mac_split":      {"improved": "exact",        "paper": "authors"},
     "sampler":        {"improved": "distinct",     "paper": "with_replacement"},
     "pricing":        {"improved": "insample",     "paper": "insample"},
+    "sketch":         {"improved": None,           "paper": None},
     **CORRECTIONS,
 }
 
@@ -40,6 +41,7 @@ DECODER = {
     "score_fraction": {"improved": 1.0,            "paper": 1.0},  # held-out pricing scores every batch
     "mac_split":      {"improved": "exact",        "paper": "authors"},
     "pricing":        {"improved": "heldout",      "paper": "insample"},
+    "sketch":         {"improved": None,           "paper": "gaussian"},  # theirs: 100 rows per 2048-token window
     **CORRECTIONS,
 }
 CORPORA = {  # the same in both: the authors' and GPTQ's (`--task X` stands for X and X)

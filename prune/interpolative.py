@@ -64,30 +64,41 @@ class Factor:
         ridge_part = self.ridge * torch.cat([_suffix_sums(column_sq), column_sq.new_zeros(1)])
         return _tail_norms(self.R @ W.T, ridge_part)
 
-    def heldout_gram(self, G_held):
-        """M = R⁻ᵀ G_held R⁻¹ for the Gram G_held of other rows of A (columns in the original
-        order): B = A_held R⁻¹ has BᵀB = M, and heldout_errors reads the ID's errors on those
-        rows off it."""
-        order = self.order.to(self.R.device)
-        X = G_held.to(device=self.R.device, dtype=torch.float64)[order[:, None], order]  # one copy
-        X = torch.linalg.solve_triangular(self.R, X, upper=True, left=False)  # G_held R⁻¹
-        return torch.linalg.solve_triangular(self.R.T, X, upper=False)
-
-    def heldout_errors(self, M, W=None):
+    def heldout_errors(self, G_held, W=None, by="torch", destroy=False, scale=None):
         """[k] = Frobenius error that the ID fitted here (the first k columns kept, coefficients
-        R[:k,:k]⁻¹R[:k,k:]) leaves on other rows of A, given M = heldout_gram(their Gram);
-        with W, the error after the following linear map, as in output_errors. k = 0..n.
+        R[:k,:k]⁻¹R[:k,k:]) leaves on other rows of A, whose Gram is G_held (columns in the
+        original order); with W, the error after the following linear map, as in output_errors.
+        k = 0..n.
 
         Writing the other rows as B R, the ID's residual on them is B[:, k:] R[k:, k:]
         (R[k:, :k] = 0), whose squared norm is the sum over the trailing block [k:, k:] of
-        M ∘ N with N = R Rᵀ (or V Vᵀ with V = R Wᵀ, as R[k:, :] Wᵀ = R[k:, k:] W[:, dropped]ᵀ):
-        every k from one n × n product.
+        M ∘ N, with M = BᵀB = R⁻ᵀ G_held R⁻¹ and N = R Rᵀ (or V Vᵀ with V = R Wᵀ, as
+        R[k:, :] Wᵀ = R[k:, k:] W[:, dropped]ᵀ); both symmetric, so the sum is twice the upper
+        triangle's less the diagonal, every k from one n × n product.
+        M comes from two triangular solves in place; R Rᵀ from LAPACK's dlauum on the host with
+        by='lapack' (n³/3 flops: a product would take 2n³), from a product where R lies with
+        'torch'.
+        destroy: R may be overwritten (a factor used for nothing else). scale: the columns'
+        scaling that G_held gets first, as the Gram the factor was taken of (diag(s) G diag(s)).
         """
-        V = self.R if W is None else self.R @ W.detach().to(self.R)[:, self.order.to(self.R.device)].T
-        H = V @ V.T
-        H *= M
-        H = torch.flip(H, [0, 1])  # one copy; then summed in place from the old bottom-right corner
-        tail = torch.flip(H.cumsum_(0).cumsum_(1).diagonal(), [0])
+        X = _ordered_copy(G_held, self.order, self.R.device)  # becomes M
+        if scale is not None:
+            s = scale.to(X)[self.order.to(X.device)]
+            X *= s[:, None]
+            X *= s[None, :]
+        V = None if W is None else self.R @ W.detach().to(self.R)[:, self.order.to(self.R.device)].T
+        torch.linalg.solve_triangular(self.R, X, upper=True, left=False, out=X)  # X R⁻¹, in place
+        torch.linalg.solve_triangular(self.R.T, X, upper=False, out=X)  # R⁻ᵀ X R⁻¹
+        if V is not None:
+            N = V @ V.T
+        elif by == "lapack" and self.R.device.type == "cpu":  # R Rᵀ in n³/3 flops, where R lies when allowed
+            N = torch.from_numpy(lapack.dlauum(self.R.numpy().T, lower=1, overwrite_c=int(destroy))[0].T)
+        else:
+            N = self.R @ self.R.T
+        X *= N  # only the upper triangle of LAPACK's R Rᵀ is right: it is all that is read
+        del N
+        rows = X.triu_().sum(dim=1)
+        tail = 2 * _suffix_sums(rows) - _suffix_sums(X.diagonal())
         return torch.cat([tail, tail.new_zeros(1)]).clamp_min(0).sqrt()
 
     def coefficients(self, k):
@@ -95,6 +106,18 @@ class Factor:
         if k == 0 or k == self.n:
             return self.R.new_zeros(k, self.n - k)
         return torch.linalg.solve_triangular(self.R[:k, :k], self.R[:k, k:], upper=True)
+
+
+def _ordered_copy(G, order, device):
+    """G[order][:, order] in float64 on `device`, built a block of rows at a time (G may be a
+    float32 Gram: no whole float64 copy of it besides the result)."""
+    n = len(order)
+    order = order.to(G.device)
+    X = torch.empty(n, n, dtype=torch.float64, device=device)
+    for start in range(0, n, 1024):
+        rows = order[start:start + 1024]
+        X[start:start + len(rows)] = G.index_select(0, rows).index_select(1, order).to(X)
+    return X
 
 
 def _suffix_sums(v):
@@ -107,19 +130,45 @@ def _tail_norms(M, minus=0.0):
     return (torch.cat([tail, tail.new_zeros(1)]) - minus).clamp_min(0).sqrt()
 
 
-def pivoted_factor(G, relative_ridge=RIDGE):
+FACTORS = ("auto", "torch", "lapack")  # who computes the pivoted Cholesky: see resolve_factor
+
+
+def resolve_factor(factor, device):
+    """'torch' or 'lapack' for `factor` in FACTORS. auto: torch where the Gram is on a GPU (it never
+    leaves the device), LAPACK on the CPU, where it measured faster (benchmarks/bench_factor.py)."""
+    if factor not in FACTORS:
+        raise ValueError(f"unknown factor {factor!r}: choose from {', '.join(FACTORS)}")
+    if factor == "auto":
+        return "torch" if torch.device(device).type == "cuda" else "lapack"
+    return factor
+
+
+def pivoted_factor(G, relative_ridge=RIDGE, factor="lapack", stop_after=None, overwrite=False):
     """Greedy column order and R factor of G + ridge·I (the pivoted QR of A, from G only).
 
-    LAPACK's dpstrf is the blocked pivoted Cholesky. With the ridge added every pivot is at
-    least the ridge in exact arithmetic, so it is told to go on until then; should rounding
-    stop it earlier (a Gram of fewer tokens than units, with a huge dynamic range), the
-    columns left carry no information and get the factor of the ridge alone.
+    factor: 'lapack' (scipy's dpstrf, on the host) or 'torch' (torch_pivoted_cholesky, where G
+    lies). overwrite: G may be factored where it lies (else a copy is). With the ridge added every pivot is at least the ridge in exact
+    arithmetic, so the factorisation goes on until then; should rounding stop it earlier (a
+    Gram of fewer tokens than units, with a huge dynamic range), the columns left carry no
+    information and get the factor of the ridge alone.
+    stop_after: (torch) only the first k pivots; R[k:, k:] is then the Schur complement left,
+    not a factor: enough for coefficients(k), not for errors().
     """
-    device = G.device
     ridge = ridge_of(G, relative_ridge)
-    # copied in Fortran order, which LAPACK factors where it lies (given C order it would copy
-    # it again); the lower factor L it leaves there is R = Lᵀ in C order: no copy to transpose
-    Gr = np.array(G.detach().to("cpu", torch.float64).numpy(), order="F")
+    in_place = overwrite and G.dtype == torch.float64 and G.is_contiguous()
+    if factor == "torch":
+        order, R = torch_pivoted_cholesky(G.detach() if in_place else G.detach().to(torch.float64, copy=True), ridge,
+                                          stop_after)
+        return Factor(order=order.cpu(), R=R, ridge=ridge)
+    if factor != "lapack":
+        raise ValueError(f"unknown factor {factor!r}: 'torch' or 'lapack'")
+    device = G.device
+    # LAPACK factors a Fortran-ordered matrix where it lies: a symmetric C-ordered one is that
+    # already (its transpose); the lower factor L it leaves there is R = Lᵀ in C order
+    if in_place and G.device.type == "cpu":
+        Gr = G.detach().numpy().T
+    else:
+        Gr = np.array(G.detach().to("cpu", torch.float64).numpy(), order="F")
     Gr[np.diag_indices_from(Gr)] += ridge
     c, piv, rank, info = lapack.dpstrf(Gr, lower=1, tol=ridge / 2, overwrite_a=1)
     if info < 0:
@@ -129,6 +178,58 @@ def pivoted_factor(G, relative_ridge=RIDGE):
     R[range(rank, len(R)), range(rank, len(R))] = ridge ** 0.5
     order = torch.from_numpy(piv.astype(np.int64) - 1)
     return Factor(order=order, R=R.to(device), ridge=ridge)
+
+
+@torch.no_grad()
+def torch_pivoted_cholesky(G, ridge, stop_after=None, block=64):
+    """(order, R): G[order][:, order] + ridge·I = RᵀR, R upper triangular, the columns taken
+    greedily (the largest remaining diagonal, ties to the first) as LAPACK's dpstrf takes them,
+    in place of G (float64, contiguous: overwritten) and on its device.
+
+    Blocked as dpstrf is: within a panel of `block` pivots, each row of R is the row of the
+    Schur complement as of the panel's start less the panel's rows above it (a matrix-vector
+    product), and the candidates' diagonals are the panel start's less the squares of the
+    panel's rows; after the panel one rank-`block` update of the trailing block, where the
+    flops are. The pivot and the stop are tensors, never read on the host: no synchronisation
+    per pivot. Like dpstrf told to stop at ridge/2, once no candidate exceeds it (or one is
+    NaN) the pivoting stops, and the rows left get the factor of the ridge alone.
+    stop_after: only that many pivots (R[k:, k:] is then the trailing Schur complement).
+    """
+    A = G
+    n = A.shape[0]
+    A.diagonal().add_(ridge)
+    index = torch.arange(n, device=A.device)
+    order = index.clone()
+    stopped = torch.zeros((), dtype=torch.bool, device=A.device)
+    last = n if stop_after is None else stop_after
+    for start in range(0, last, block):
+        end = min(start + block, last)
+        work = torch.zeros(n - start, dtype=A.dtype, device=A.device)  # Σ of squares of the panel's rows
+        for p in range(start, end):
+            candidates = A.diagonal()[p:] - work[p - start:]
+            best = torch.argmax(candidates)
+            value = candidates[best]
+            stopped |= ~(value > ridge / 2)
+            pair = torch.stack([index[p], p + torch.where(stopped, 0, best)])
+            _swap(A, pair)
+            work[pair - start] = work[pair.flip(0) - start]
+            order[pair] = order[pair.flip(0)]
+            row = A[p, p + 1:] - A[start:p, p] @ A[start:p, p + 1:]
+            pivot = torch.where(stopped, ridge, value).sqrt()
+            row = torch.where(stopped, 0.0, row / pivot)
+            A[p, p] = pivot
+            A[p, p + 1:] = row
+            work[p + 1 - start:] += row ** 2
+        if end < n:  # the trailing block's rank-(end − start) update, both triangles (rows are swapped whole)
+            panel = A[start:end, end:]
+            A[end:, end:].addmm_(panel.T, panel, alpha=-1)
+    return order, A.triu_()
+
+
+def _swap(A, pair):
+    """Swap rows and columns pair[0] and pair[1] of A, in place (indices as a device tensor)."""
+    A.index_copy_(0, pair, A.index_select(0, pair.flip(0)))
+    A.index_copy_(1, pair, A.index_select(1, pair.flip(0)))
 
 
 def ordered_factor(G, order, relative_ridge=RIDGE):

@@ -28,7 +28,7 @@ import torch
 
 from prerequisites.layerwise import capture_inputs, each_layer
 from prune.allocation import ALLOCATORS, LayerScores
-from prune.interpolative import expand_groups
+from prune.interpolative import FACTORS, expand_groups, resolve_factor
 from prune.units import PRICE_FOLDS, TARGETS, MagnitudePruner, UnitPruner
 
 # every pruning method, the one list the flags offer: stat and magnitude run through
@@ -51,7 +51,7 @@ CORRECTIONS = TARGETS
 DENSE_TARGET_CALIBRATIONS = ("sequential", "dense_ffn")
 # what pass 1's prices are measured on: the calibration batches the IDs are fitted on
 # ('insample'), or ('heldout') cross-validated: the batches in PRICE_FOLDS folds (batch b in
-# fold b mod 4), each priced by the ID fitted on the others: the error each truncation will
+# fold b mod PRICE_FOLDS), each priced by the ID fitted on the others: the error each truncation will
 # really leave on data it was not fitted on (pass 1 then scores every batch)
 PRICINGS = ("insample", "heldout")
 
@@ -67,22 +67,22 @@ class PruneResult:
     scores: list = field(default_factory=list)
     allocation: str = ""
     seconds: float = 0.0
+    factor: str = ""  # who computed the pivoted Cholesky factorisations: torch or lapack
 
 
-def attn_pruner(adapter, layer, sketch_rows=None, sketch_seed=0, target="self", held_out_prices=False):
+def attn_pruner(adapter, layer, sketch=None, target="self", price_folds=0, factor="lapack"):
     """The UnitPruner of a layer's attention units (None when it has none left)."""
     if not adapter.n_attn_units(layer):
         return None
-    return UnitPruner.attention(adapter.get(layer, adapter.attn_consumer), adapter.attn_unit_dims(), sketch_rows,
-                                sketch_seed, target, held_out_prices)
+    return UnitPruner.attention(adapter.get(layer, adapter.attn_consumer), adapter.attn_unit_dims(), sketch, target,
+                                price_folds, factor)
 
 
-def neuron_pruner(adapter, layer, sketch_rows=None, sketch_seed=0, target="self", held_out_prices=False):
+def neuron_pruner(adapter, layer, sketch=None, target="self", price_folds=0, factor="lapack"):
     """The UnitPruner of a layer's FFN neurons (None when it has none left)."""
     if not adapter.n_neurons(layer):
         return None
-    return UnitPruner.neurons(adapter.get(layer, adapter.ffn_consumer), sketch_rows, sketch_seed, target,
-                              held_out_prices)
+    return UnitPruner.neurons(adapter.get(layer, adapter.ffn_consumer), sketch, target, price_folds, factor)
 
 
 def layer_scores(attn, neurons):
@@ -94,12 +94,16 @@ def layer_scores(attn, neurons):
     return LayerScores(attn_errors, neurons.pivots(), neurons.prices())
 
 
-def fitted_rows(inputs, held_out_prices):
-    """The fewest calibration rows (real tokens) any of pass 1's IDs is fitted on: every row,
-    or with held-out prices (folds of batch b mod PRICE_FOLDS) every row but one fold's."""
-    rows = [int(m.sum()) if m is not None else x.shape[:-1].numel() for x, m in zip(inputs.hidden, inputs.masks)]
-    folds = [sum(rows[f::PRICE_FOLDS]) for f in range(PRICE_FOLDS)]
-    if not held_out_prices or sum(1 for f in folds if f) < 2:
+def fitted_rows(inputs, price_folds=0, sketch=None):
+    """The fewest calibration rows any of pass 1's IDs is fitted on: every real token (or the
+    rows a sketch leaves of them), or with held-out prices (folds of batch b mod price_folds)
+    every row but one fold's."""
+    rows = []
+    for x, m in zip(inputs.hidden, inputs.masks):
+        per_window = m.sum(-1).tolist() if m is not None else [x.shape[-2]] * x.shape[:-2].numel()
+        rows.append(sketch.rows_kept(per_window) if sketch else sum(per_window))
+    folds = [sum(rows[f::price_folds]) for f in range(price_folds)]
+    if sum(1 for f in folds if f) < 2:
         return sum(rows)
     return sum(rows) - max(folds)
 
@@ -136,20 +140,20 @@ def _spans(indices):
 
 
 @torch.no_grad()
-def measure_dense(model, adapter, inputs, device, keep=(), sketch_rows=None, sketch_seed=0, ffn=True,
-                  progress=True, desc="pass 1: dense Grams", store=None, pricing="insample"):
+def measure_dense(model, adapter, inputs, device, keep=(), sketch=None, ffn=True,
+                  progress=True, desc="pass 1: dense Grams", store=None, price_folds=0, factor="lapack"):
     """Pass 1: every layer's pruners fed on the model as it is (dense, but for ffn_then_attn),
     and the scores they give; and the solved pruners of the blocks named in `keep` ("attn",
     "ffn"; the others None), to prune from these IDs. ffn=False: the attention's only.
-    On the dense model both correction targets agree: the block's own output. pricing: PRICINGS."""
+    On the dense model both correction targets agree: the block's own output. price_folds: 0
+    (in-sample prices), or the folds of held-out prices (batch b in fold b mod price_folds)."""
     scores, pruners = [], []
-    priced = pricing == "heldout"
     for _, layer in each_layer(model, adapter, device, store, desc=desc, progress=progress):
-        attn = attn_pruner(adapter, layer, sketch_rows, sketch_seed, held_out_prices=priced)
-        neurons = neuron_pruner(adapter, layer, sketch_rows, sketch_seed, held_out_prices=priced) if ffn else None
+        attn = attn_pruner(adapter, layer, sketch, price_folds=price_folds, factor=factor)
+        neurons = neuron_pruner(adapter, layer, sketch, price_folds=price_folds, factor=factor) if ffn else None
         for b, (x, extras, mask) in enumerate(zip(inputs.hidden, inputs.extras, inputs.masks)):
             context = adapter.attention_context(layer, x, extras)
-            fold = b % PRICE_FOLDS if priced else 0
+            fold = b % price_folds if price_folds else 0
             if attn:
                 attn.add_batch(context, mask, fold=fold)
             h = adapter.after_attention(layer, context, x)
@@ -198,8 +202,8 @@ def neuron_weight_norms(adapter, layer):
 
 
 @torch.no_grad()
-def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_ffn_pruners=None, sketch_rows=None,
-                     sketch_seed=0, progress=True, store=None, correction="self"):
+def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_ffn_pruners=None, sketch=None,
+                     progress=True, store=None, correction="self", factor="lapack"):
     """Pass 2: prune from the bottom, each layer's IDs measured on the pruned layers below.
 
     With `dense_ffn_pruners` (per layer, the solved FFN pruner of pass 1), the FFN IDs come
@@ -219,7 +223,7 @@ def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_
     dense_hidden = [x.clone() for x in inputs.hidden] if dense else None
     drifted = False  # whether the pruned model's activations differ from the dense model's yet
     for l, layer in each_layer(model, adapter, device, store, changes=True, desc="pass 2: prune", progress=progress):
-        pruner = attn_pruner(adapter, layer, sketch_rows, sketch_seed, correction)
+        pruner = attn_pruner(adapter, layer, sketch, correction, factor=factor)
         if pruner and not (attn_units[l] < pruner.n or (drifted and dense)):
             pruner = None  # keeps every unit, and nothing to refit
         contexts = []
@@ -235,7 +239,7 @@ def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_
                 pruner.add_batch(contexts[b], mask, **targets)
         kept_dims = None
         if pruner:
-            keep, W_O = pruner.solve().prune(attn_units[l])
+            keep, W_O = pruner.solve(keep=attn_units[l]).prune(attn_units[l])
             adapter.prune_attn_units(layer, keep, W_O)
             kept_dims = expand_groups(keep, adapter.attn_unit_dims()).to(device)
             drifted = True
@@ -249,7 +253,7 @@ def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_
             inputs.hidden[b] = None
 
         fed = dense_ffn_pruners is None  # else the FFN's IDs come from pass 1
-        pruner = neuron_pruner(adapter, layer, sketch_rows, sketch_seed, correction) if fed else dense_ffn_pruners[l]
+        pruner = neuron_pruner(adapter, layer, sketch, correction, factor=factor) if fed else dense_ffn_pruners[l]
         if pruner and not (neurons[l] < pruner.n or (drifted and dense and fed)):
             pruner = None
         for b, (h, mask) in enumerate(zip(hs, inputs.masks)):
@@ -263,7 +267,7 @@ def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_
                 pruner.add_batch(adapter.ffn_hidden(layer, h), mask, **targets)
         if pruner:
             if fed:
-                pruner.solve()
+                pruner.solve(keep=neurons[l])
             adapter.prune_neurons(layer, *pruner.prune(neurons[l]))
             drifted = True
         del pruner
@@ -296,9 +300,9 @@ def spread_subset(items, fraction):
 
 
 def stat_prune(model, adapter, batches, costs, mu, device, method="stat", allocation=None,
-               calibration="sequential", weighting=None, sketch_rows=None, sketch_seed=0, score_fraction=0.25,
+               calibration="sequential", weighting=None, sketch=None, score_fraction=0.25,
                neuron_share=None, progress=True, store=None, correction="self", pricing="insample",
-               more_tokens=None):
+               more_tokens=None, factor="auto", price_folds=PRICE_FOLDS):
     """Prune `model` in place to at most μ of its attention and FFN MACs. Returns a PruneResult.
 
     costs: (MACs of one attention unit, MACs of one neuron), numbers (efficiency/macs.py).
@@ -312,18 +316,20 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     as well as all of it (docs/results.md), at a quarter of the cost; the IDs of pass 2 always
     use every batch. (one_shot, dense_ffn and ffn_then_attn prune with IDs from pass 1, so
     there pass 1 uses every batch.)
-    sketch_rows, sketch_seed: CountSketch every batch to this many rows (None: exact Grams),
-    with random buckets and signs drawn from this seed.
+    sketch: a prune.gram.Sketch applied to every batch before its Gram products (None: exact
+    Grams).
     store: a LayerStore when the layers live on disk between their turns (--low_memory).
     correction: CORRECTIONS, what each pass-2 correction reproduces ('dense' needs a
     calibration in DENSE_TARGET_CALIBRATIONS); the blocks that prune with pass 1's IDs see
     the dense model's inputs, where the two agree.
     pricing: what pass 1 prices on (PRICINGS); 'heldout' scores every batch (score_fraction
     is not used), since its prices should be those of an ID fitted on about as much data as
-    pass 2's.
+    pass 2's, cross-validated over `price_folds` folds of them.
     more_tokens: given the factor by which the calibration tokens should grow, the words that
     say how (a script's flag), for the CalibrationWarning raised when pass 1's Grams have
     fewer rows than a block has units.
+    factor: FACTORS, who computes the pivoted Cholesky factorisations (auto: torch on a GPU,
+    where the Grams then never leave it; LAPACK on the CPU); PruneResult.factor says which ran.
     `magnitude` never corrects.
     """
     if method not in METHODS or method == "kwon":
@@ -342,7 +348,8 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     start = time.perf_counter()
     model.eval()
     batches = list(batches)
-    sketch = dict(sketch_rows=sketch_rows, sketch_seed=sketch_seed)
+    factor = resolve_factor(factor, device)
+    block_options = dict(sketch=sketch, factor=factor)
     keep = {"sequential": (), "dense_ffn": ("ffn",), "one_shot": ("attn", "ffn"),
             "ffn_then_attn": ("ffn",)}[calibration] if method == "stat" else ()
     if pricing == "heldout" and len(batches) < 2:
@@ -350,10 +357,11 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
                       RuntimeWarning, stacklevel=2)
     every_batch = keep or pricing == "heldout"
     inputs = capture_inputs(model, adapter, batches if every_batch else spread_subset(batches, score_fraction), device)
+    folds = price_folds if pricing == "heldout" else 0
     if method == "stat":
-        warn_if_too_few_rows(model, adapter, fitted_rows(inputs, pricing == "heldout"), more_tokens)
+        warn_if_too_few_rows(model, adapter, fitted_rows(inputs, folds, sketch), more_tokens)
     scores, pruners = measure_dense(model, adapter, inputs, device, keep=keep, progress=progress, store=store,
-                                    pricing=pricing, **sketch)
+                                    price_folds=folds, **block_options)
     del inputs
     attn_cost, neuron_cost = costs
     options = {}
@@ -371,7 +379,7 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
         del pruners
         inputs = capture_inputs(model, adapter, batches, device)
         _, pruners = measure_dense(model, adapter, inputs, device, keep=("attn",), ffn=False, progress=progress,
-                                   desc="attention Grams on the FFN-pruned model", store=store, **sketch)
+                                   desc="attention Grams on the FFN-pruned model", store=store, **block_options)
         del inputs
         prune_from_pruners(model, adapter, attn_units, neurons, lambda l, layer: pruners[l], store)  # the attention
     else:
@@ -379,6 +387,6 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
         dense_ffn_pruners = [ffn for _, ffn in pruners] if calibration == "dense_ffn" else None
         del pruners
         prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_ffn_pruners, progress=progress,
-                         store=store, correction=correction, **sketch)
+                         store=store, correction=correction, **block_options)
     return PruneResult(attn_units=list(attn_units), neurons=list(neurons), scores=scores, allocation=allocation,
-                       seconds=time.perf_counter() - start)
+                       seconds=time.perf_counter() - start, factor=factor)

@@ -22,7 +22,7 @@ The correction (docs/design.md §4) reproduces one of two targets:
   and x the dense model's activations fed beside A′ and x′: the least-squares fit
   W_Jᵀ = (G′_JJ + λI)⁻¹ A′_Jᵀ (A Wᵀ + x − x′), from A′ᵀ[A′, A, x − x′] accumulated batch by
   batch. Each block then undoes, as far as its kept units can, the error arriving from below.
-With held-out prices the batches fall in PRICE_FOLDS folds, and each truncation is priced
+With held-out prices the batches fall in folds, and each truncation is priced
 by the error the ID fitted on the other folds leaves on each fold (cross-validation).
 `MagnitudePruner` is the baseline: units ranked by the norms of their weights, uncorrected.
 """
@@ -58,12 +58,16 @@ class UnitPruner:
     """STAT's choice and correction for the units of one block (see the module docstring).
 
     W: the consumer's weight (out × n·unit_dims). scale_by_weight: select on A·diag(‖W[:, j]‖)
-    (neurons) rather than on whole units of A (attention units). target: TARGETS.
-    held_out_prices: prices() are cross-validated over the folds that add_batch is given.
+    (neurons) rather than on whole units of A (attention units). sketch: a prune.gram.Sketch of
+    every batch (each fold's draws its own), or None. target: TARGETS.
+    price_folds: 0 (prices in-sample), or prices() cross-validated over that many folds of the
+    batches (add_batch's `fold`).
+    factor: who computes the pivoted Cholesky factorisations, 'lapack' or 'torch'
+    (prune/interpolative.py pivoted_factor).
     """
 
-    def __init__(self, W, unit_dims=1, scale_by_weight=False, sketch_rows=None, sketch_seed=0, target="self",
-                 held_out_prices=False):
+    def __init__(self, W, unit_dims=1, scale_by_weight=False, sketch=None, target="self", price_folds=0,
+                 factor="lapack"):
         if target not in TARGETS:
             raise ValueError(f"unknown correction target {target!r}")
         self.W = W.detach().double()
@@ -73,20 +77,23 @@ class UnitPruner:
         self.n = W.shape[1] // unit_dims
         dims, out = W.shape[1], W.shape[0]
         extra = dims + out if target == "dense" else 0  # the dense target's [A, x − x′] beside A′
-        folds = PRICE_FOLDS if held_out_prices else 1
-        self.grams = [Gram(dims, W.device, sketch_rows, sketch_seed + fold, extra=extra) for fold in range(folds)]
-        self.held_out_prices = held_out_prices
+        # the folds' Grams in float32: they only price, and there are several of them (memory)
+        dtype = torch.float32 if price_folds else torch.float64
+        self.grams = [Gram(dims, W.device, sketch and sketch.reseeded(fold), extra, dtype)
+                      for fold in range(price_folds or 1)]
+        self.price_folds = price_folds
+        self.factor_by = factor
         self.prices_held_out = None
         self.order = self.factor = self.dim_scale = None
         self.G = self.P = None  # the dense target's statistics: A′ᵀA′ and A′ᵀ(A Wᵀ + x − x′)
 
     @classmethod
-    def neurons(cls, linear, sketch_rows=None, sketch_seed=0, target="self", held_out_prices=False):
-        return cls(linear.weight, 1, True, sketch_rows, sketch_seed, target, held_out_prices)
+    def neurons(cls, linear, sketch=None, target="self", price_folds=0, factor="lapack"):
+        return cls(linear.weight, 1, True, sketch, target, price_folds, factor)
 
     @classmethod
-    def attention(cls, linear, unit_dims, sketch_rows=None, sketch_seed=0, target="self", held_out_prices=False):
-        return cls(linear.weight, unit_dims, False, sketch_rows, sketch_seed, target, held_out_prices)
+    def attention(cls, linear, unit_dims, sketch=None, target="self", price_folds=0, factor="lapack"):
+        return cls(linear.weight, unit_dims, False, sketch, target, price_folds, factor)
 
     @property
     def rows(self):
@@ -97,66 +104,67 @@ class UnitPruner:
         """A: (..., n·unit_dims) inputs of the consumer; mask: (...) bool, True for real tokens;
         A_dense, residual: the dense model's inputs of the consumer and the residual stream's
         gap x − x′ (the dense target needs both); fold: with held-out prices, the fold of the
-        batch (0..PRICE_FOLDS−1)."""
+        batch (0..price_folds − 1)."""
         if (A_dense is None or residual is None) == (self.target == "dense"):
             raise ValueError("A_dense and residual are needed with the dense target, and only then")
-        if fold and not self.held_out_prices:
+        if fold and not self.price_folds:
             raise ValueError("fold needs held-out prices")
         extra = None if A_dense is None else torch.cat([A_dense, residual.to(A_dense)], dim=-1)
         self.grams[fold].add_batch(A, mask, extra)
 
-    def solve(self):
-        """Order the units once, and keep what the corrections need (the Grams are freed)."""
-        folds = [g.products for g in self.grams if g.rows]
-        products = sum(folds) if len(folds) > 1 else folds[0] if folds else self.grams[0].products
+    def solve(self, keep=None):
+        """Order the units once, and keep what the corrections need (the Grams are freed).
+
+        keep: the number of units prune() will be asked for, when known (pass 2): a torch
+        factorisation then stops after that many pivots (prices() are not available)."""
+        folds = [g.products for g in self.grams if g.rows] or [self.grams[0].products]
         self.grams = None
         if self.scale_by_weight:
-            self.dim_scale = self.W.norm(dim=0).to(products.device)
-        if self.held_out_prices and len(folds) > 1:
+            self.dim_scale = self.W.norm(dim=0).to(folds[0].device)
+        if self.price_folds and len(folds) > 1:
             # before the factor of all the folds, so that the folds' factors never sit beside it
-            self.prices_held_out = self._cross_validated_prices(folds, products)
-        del folds
+            self.prices_held_out = self._cross_validated_prices(folds)
+        products = folds.pop().double()
+        while folds:  # summed in float64, each fold freed once added
+            products += folds.pop()
         dims = self.W.shape[1]
         if self.target == "dense":
             self.G = products[:, :dims].clone()
             self.P = products[:, dims:2 * dims] @ self.W.T + products[:, 2 * dims:]
         G = self._scaled(products[:, :dims])  # in place: a Gram is the largest matrix here
         del products
-        self.order, self.factor = self._factor(G)
+        self.order, self.factor = self._factor(G, keep)
         return self
 
-    def _factor(self, G):
+    def _factor(self, G, keep=None):
         """(the units in the order the ID keeps them, the factor of G in that order): columns
-        chosen one by one for neurons (G scaled), whole units at a time for attention units
-        (their dims then factored in that order)."""
+        chosen one by one for neurons (G scaled; factored where it lies), whole units at a time
+        for attention units (their dims then factored in that order)."""
         if self.scale_by_weight:
-            factor = pivoted_factor(G)
+            stop = keep if self.factor_by == "torch" else None
+            factor = pivoted_factor(G, factor=self.factor_by, stop_after=stop, overwrite=True)
             return factor.order, factor
-        order = pivoted_factor(group_gram(G, self.unit_dims)).order
+        order = pivoted_factor(group_gram(G, self.unit_dims), factor=self.factor_by, overwrite=True).order
         return order, ordered_factor(G, expand_groups(order, self.unit_dims))
 
-    def _cross_validated_prices(self, folds, total):
-        """prices() cross-validated over `folds` (their products, `total` their sum): each fold
-        gets the error that the ID fitted on the other folds leaves on it; the squared errors
-        add up over the folds. `folds` is emptied fold by fold, so that a fold's Gram is freed
-        once it is priced."""
+    def _cross_validated_prices(self, folds):
+        """prices() cross-validated over `folds` (their products): each fold gets the error that
+        the ID fitted on the other folds leaves on it; the squared errors add up over the folds.
+        Memory: the folds (float32), the fit's Gram becoming its factor, and the held-out Gram
+        becoming the products that price it: with 2 folds 3 n² float64 at most."""
         dims = self.W.shape[1]
         squared = 0.0
-        while folds:
-            fold = folds.pop(0)[:, :dims]
-            G_fit = self._scaled(total[:, :dims] - fold)  # a new matrix: scaled where it lies
-            G_held = self._scaled(fold.clone())
-            del fold
+        for f, held in enumerate(folds):
+            G_fit = torch.zeros(dims, dims, dtype=torch.float64, device=held.device)
+            for other in folds[:f] + folds[f + 1:]:
+                G_fit += other[:, :dims]
             with warnings.catch_warnings():  # the folds' factors are not reported, only the factor of all of them
                 warnings.simplefilter("ignore", RuntimeWarning)
-                factor = self._factor(G_fit)[1]
+                factor = self._factor(self._scaled(G_fit))[1]
             del G_fit
-            M = factor.heldout_gram(G_held)
-            del G_held
-            if self.scale_by_weight:
-                squared = squared + factor.heldout_errors(M) ** 2
-            else:
-                squared = squared + factor.heldout_errors(M, self._output_weight())[:: self.unit_dims] ** 2
+            W = None if self.scale_by_weight else self._output_weight()
+            errors = factor.heldout_errors(held[:, :dims], W, self.factor_by, destroy=True, scale=self.dim_scale)
+            squared = squared + (errors if W is None else errors[:: self.unit_dims]) ** 2
         return squared.sqrt()
 
     def _scaled(self, G):
@@ -171,7 +179,7 @@ class UnitPruner:
         return self.W if self.dim_scale is None else self.W / torch.where(self.dim_scale > 0, self.dim_scale, 1)
 
     def prices(self):
-        """[k] = what keeping the best k units costs, k = 0..n (held out with held_out_prices):
+        """[k] = what keeping the best k units costs, k = 0..n (held out with price_folds):
         for neurons the error of the scaled ID, ‖A_¬J − A_J T‖ in the scaled columns; for
         attention units the error after the output projection, ‖(ID residual) W_droppedᵀ‖_F
         (docs/design.md §3)."""

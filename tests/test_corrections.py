@@ -140,7 +140,7 @@ def test_held_out_prices_are_cross_validated_errors_of_the_id(unit_dims):
                for b in range(8)]  # one fold unlike the others
     linear = torch.nn.Linear(n, out, bias=False).requires_grad_(False)
     make = UnitPruner.neurons if unit_dims == 1 else lambda lin, **kw: UnitPruner.attention(lin, unit_dims, **kw)
-    pruner = make(linear, held_out_prices=True)
+    pruner = make(linear, price_folds=4)
     for b, A in enumerate(batches):
         pruner.add_batch(A, fold=b % 4)
     pruner.solve()

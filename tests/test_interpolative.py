@@ -4,7 +4,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from prune.gram import Gram
+from prune.gram import Gram, Sketch
 from prune.interpolative import expand_groups, group_gram, ordered_factor, pivoted_factor
 
 
@@ -99,7 +99,7 @@ def test_count_sketch_is_unbiased():
     exact = (A.T @ A).double()
     estimates = []
     for seed in range(200):
-        G = Gram(6, sketch_rows=50, seed=seed)
+        G = Gram(6, sketch=Sketch("count", 50, seed))
         G.add_batch(A)
         estimates.append(G.G)
     mean = torch.stack(estimates).mean(0)
@@ -107,10 +107,42 @@ def test_count_sketch_is_unbiased():
     assert torch.linalg.norm(estimates[0] - exact) > 1e-3 * torch.linalg.norm(exact)  # it does sketch
 
 
+def test_the_gaussian_sketch_is_unbiased_per_window_and_leaves_padding_out():
+    """Windows (batch, length, n) with padding: E[(SA)ᵀ(SA)] over the draws is the Gram of the
+    real rows alone (checked against the mean of many draws); each window becomes `rows` rows;
+    a window no longer than `rows` is kept as it is; the draws follow the seed."""
+    rng = np.random.default_rng(9)
+    n, length = 5, 40
+    A = torch.from_numpy(rng.standard_normal((3, length, n)) * [1.0, 2.0, 0.5, 3.0, 1.0]).float()
+    mask = torch.ones(3, length, dtype=torch.bool)
+    mask[1, 25:] = False  # padding, full of large values that must not count
+    A[1, 25:] = 100.0
+    exact = sum(A[b][mask[b]].double().T @ A[b][mask[b]].double() for b in range(3))
+    draws = []
+    for seed in range(400):
+        G = Gram(n, sketch=Sketch("gaussian", 8, seed))
+        G.add_batch(A, mask)
+        draws.append(G.G)
+    assert G.rows == int(mask.sum())  # the tokens it saw, not the rows it kept
+    mean = torch.stack(draws).mean(0)
+    spread = torch.stack(draws).std(0) / 400 ** 0.5  # the standard error of the mean, entry by entry
+    assert ((mean - exact).abs() <= 5 * spread + 1e-9).all()
+    assert torch.linalg.norm(draws[0] - exact) > 0.05 * torch.linalg.norm(exact)  # one draw does sketch
+    again = Gram(n, sketch=Sketch("gaussian", 8, 0))
+    again.add_batch(A, mask)
+    assert torch.equal(again.G, draws[0])
+    short = Gram(n, sketch=Sketch("gaussian", length, 0))  # windows no longer than the rows: exact
+    short.add_batch(A, mask)
+    torch.testing.assert_close(short.G, exact, rtol=1e-5, atol=1e-4)
+    assert Sketch("gaussian", 8).rows_kept([40, 25, 3]) == 8 + 8 + 3 and Sketch("count", 8).rows_kept([40, 25]) == 8
+
+
+@pytest.mark.parametrize("by", ["lapack", "torch"])
 @pytest.mark.parametrize("ill_conditioned", [False, True])
-def test_heldout_errors_are_the_ids_errors_on_other_rows(ill_conditioned):
+def test_heldout_errors_are_the_ids_errors_on_other_rows(ill_conditioned, by):
     """The ID fitted on A (every truncation k) applied to other rows A_h: the error it leaves,
-    and that error after a linear map W, against the residuals formed explicitly."""
+    and that error after a linear map W, against the residuals formed explicitly; with LAPACK's
+    dsygst and dlauum, or torch's solves, where the columns are scaled first or not."""
     rng = np.random.default_rng(11)
     n = 9
     mixing = rng.standard_normal((n, n))
@@ -118,10 +150,18 @@ def test_heldout_errors_are_the_ids_errors_on_other_rows(ill_conditioned):
         mixing[:, -3:] = mixing[:, :3] + 1e-6 * rng.standard_normal((n, 3))
     A, A_h = rng.standard_normal((50, n)) @ mixing, rng.standard_normal((30, n)) @ mixing
     W = rng.standard_normal((4, n))
+    s = rng.uniform(0.5, 2.0, n)
     factor = pivoted_factor(torch.from_numpy(A.T @ A))
-    M = factor.heldout_gram(torch.from_numpy(A_h.T @ A_h))
-    got = factor.heldout_errors(M).numpy()
-    got_out = factor.heldout_errors(M, torch.from_numpy(W))
+    G_h = torch.from_numpy(A_h.T @ A_h)
+    got = factor.heldout_errors(G_h, by=by).numpy()
+    got_out = factor.heldout_errors(G_h, torch.from_numpy(W), by=by)
+    # a fold's Gram kept in float32: the same up to its rounding, eps32·‖G_h‖ in the squared errors
+    got_32 = factor.heldout_errors(G_h.float(), by=by).numpy()
+    assert np.abs(got_32 ** 2 - got ** 2).max() <= 10 * np.finfo(np.float32).eps * n * float(G_h.abs().max())
+    scaled = pivoted_factor(torch.from_numpy((A * s).T @ (A * s)))
+    got_scaled = scaled.heldout_errors(G_h, by=by, scale=torch.from_numpy(s)).numpy()
+    throwaway = pivoted_factor(torch.from_numpy((A * s).T @ (A * s)))  # its R may be overwritten
+    assert np.array_equal(throwaway.heldout_errors(G_h, by=by, scale=torch.from_numpy(s), destroy=True), got_scaled)
     order = factor.order.numpy()
     for k in range(n + 1):
         J, D = order[:k], order[k:]
@@ -130,8 +170,12 @@ def test_heldout_errors_are_the_ids_errors_on_other_rows(ill_conditioned):
         scale = np.linalg.norm(A_h)
         assert got[k] == pytest.approx(np.linalg.norm(E), rel=1e-6, abs=1e-9 * scale)
         assert float(got_out[k]) == pytest.approx(np.linalg.norm(E @ W[:, D].T), rel=1e-6, abs=1e-9 * scale)
+        J, D = scaled.order.numpy()[:k], scaled.order.numpy()[k:]
+        T = scaled.coefficients(k).numpy()
+        E = (A_h * s)[:, D] - (A_h * s)[:, J] @ T
+        assert got_scaled[k] == pytest.approx(np.linalg.norm(E), rel=1e-6, abs=1e-9 * scale)
     # on the rows it was fitted on, it is the in-sample error (which the ridge inflates by
     # ridge·‖T‖², visible only when the kept columns are nearly dependent)
-    in_sample = factor.heldout_errors(factor.heldout_gram(torch.from_numpy(A.T @ A))).numpy()
+    in_sample = factor.heldout_errors(torch.from_numpy(A.T @ A), by=by).numpy()
     assert ill_conditioned or np.allclose(in_sample, factor.errors().numpy(), rtol=1e-6,
                                           atol=1e-9 * np.linalg.norm(A))

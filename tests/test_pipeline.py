@@ -11,6 +11,7 @@ import tiny
 from efficiency.macs import adapter_costs, model_macs
 from prerequisites.adapters import adapter_for
 from prerequisites.layerwise import capture_inputs
+from prune.gram import Sketch
 from prune.stat import CalibrationWarning, fitted_rows, prune_sequential, stat_prune
 
 FAMILIES = {"bert": tiny.bert, "distilbert": tiny.distilbert, "opt": tiny.opt, "llama": tiny.llama}
@@ -244,7 +245,7 @@ def test_the_sketch_follows_its_seed():
     for seed in (0, 0, 1):
         model = copy.deepcopy(dense)
         stat_prune(model, adapter, batches, adapter_costs(adapter, 16), 0.6, "cpu", calibration="one_shot",
-                   sketch_rows=16, sketch_seed=seed, progress=False)
+                   sketch=Sketch("count", 16, seed), progress=False)
         weights.append(model.bert.encoder.layer[0].output.dense.weight.detach().clone())
     assert torch.equal(weights[0], weights[1])
     assert weights[0].shape != weights[2].shape or not torch.equal(weights[0], weights[2])
@@ -258,12 +259,12 @@ def test_fitted_rows_counts_real_tokens_and_the_smallest_fit():
     batches = tiny.random_batches(n_batches=6, batch=4, length=12)
     real = [int(b["attention_mask"].sum()) for b in batches]
     inputs = capture_inputs(model, adapter, batches, "cpu")
-    assert fitted_rows(inputs, held_out_prices=False) == sum(real)
+    assert fitted_rows(inputs, price_folds=0) == sum(real)
     # held out: batch b in fold b mod 4; each fold's ID is fitted on the other folds' rows
     folds = [real[0] + real[4], real[1] + real[5], real[2], real[3]]
-    assert fitted_rows(inputs, held_out_prices=True) == sum(real) - max(folds)
+    assert fitted_rows(inputs, price_folds=4) == sum(real) - max(folds)
     one = capture_inputs(model, adapter, batches[:1], "cpu")
-    assert fitted_rows(one, held_out_prices=True) == real[0]  # a single fold: in-sample
+    assert fitted_rows(one, price_folds=4) == real[0]  # a single fold: in-sample
 
 
 def calibration_warnings(model, batches, **kwargs):

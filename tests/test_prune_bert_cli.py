@@ -180,7 +180,7 @@ def test_real_process_exit_status(tmp_path):
 # --- protocols, provenance, the dense-score cache ---------------------------------------------
 
 PROVENANCE = ("protocol", "allocation", "calibration", "score_fraction", "mac_split", "sampler", "pricing", "correction",
-              "sketch", "sketch_seed", "batch_size", "dtype", "mac_ratio", "mac_ratio_authors", "dense_cached", "argv",
+              "sketch", "sketch_rows", "sketch_seed", "batch_size", "dtype", "mac_ratio", "mac_ratio_authors", "dense_cached", "argv",
               "git_commit", "git_dirty", "versions")
 
 
@@ -208,9 +208,9 @@ def test_protocol_paper_end_to_end_and_every_knob_in_the_record(checkpoints, tmp
 
     # a flag given wins over the protocol, the others stay the protocol's
     record = prune_bert.main(sst2_argv(checkpoints, tmp_path, "--protocol", "paper", "--allocation", "greedy",
-                                       "--sketch", "64", "--seed", "5"))
+                                       "--sketch", "count", "--sketch_rows", "64", "--seed", "5"))
     assert record["allocation"] == "greedy" and record["calibration"] == "ffn_then_attn"
-    assert record["sketch"] == 64 and record["sketch_seed"] == 5
+    assert (record["sketch"], record["sketch_rows"], record["sketch_seed"]) == ("count", 64, 5)
     improved = prune_bert.main(sst2_argv(checkpoints, tmp_path))
     assert (improved["protocol"], improved["allocation"], improved["calibration"], improved["mac_split"],
             improved["sampler"], improved["score_fraction"]) == ("improved", "greedy", "sequential", "exact",
@@ -273,3 +273,14 @@ def test_too_few_calibration_tokens_is_one_warning_line_naming_the_flag(checkpoi
     with warnings.catch_warnings():  # 48 sentences, all in pass 1: enough rows for 64 neurons
         warnings.simplefilter("error", CalibrationWarning)
         prune_bert.main(sst2_argv(checkpoints, tmp_path, "--sample_batch_size", "48", "--score_fraction", "1"))
+
+
+def test_factor_torch_and_lapack_keep_the_same_units_and_the_record_says_which(checkpoints, tmp_path):
+    records = {factor: prune_bert.main(sst2_argv(checkpoints, tmp_path, "--sample_batch_size", "48", "--factor",
+                                                 factor, "--no_cache"))
+               for factor in ("torch", "lapack", "auto")}
+    assert [r["factor"] for r in records.values()] == ["torch", "lapack", "lapack"]  # auto on the CPU: lapack
+    assert records["torch"]["heads_per_layer"] == records["lapack"]["heads_per_layer"]
+    assert records["torch"]["neurons_per_layer"] == records["lapack"]["neurons_per_layer"]
+    assert abs(records["torch"]["pruned_metric"] - records["lapack"]["pruned_metric"]) <= 1 / 24  # one dev sentence
+    assert "factor torch" in open(tmp_path / "out" / "tiny-bert" / "sst2.txt").read()

@@ -169,12 +169,15 @@ def test_protocol_paper_end_to_end(setup, tmp_path, name):
     record = prune_opt.main(decoder_argv(setup, tmp_path, name, "--protocol", "paper", "--task", "text"))
     line = json.loads(open(tmp_path / "out" / "opt" / f"{name}.jsonl").read().splitlines()[-1])
     for key in ("protocol", "allocation", "calibration", "score_fraction", "mac_split", "calib_task", "eval_tasks",
-                "sketch", "sketch_seed", "batch_size", "dtype", "mac_ratio", "mac_ratio_authors", "dense_cached",
-                "argv", "git_commit", "git_dirty", "versions", "correction", "pricing"):
+                "sketch", "sketch_rows", "sketch_seed", "batch_size", "dtype", "mac_ratio", "mac_ratio_authors",
+                "dense_cached", "argv", "git_commit", "git_dirty", "versions", "correction", "pricing"):
         assert key in line, key
     assert (line["protocol"], line["allocation"], line["calibration"], line["mac_split"]) == (
         "paper", "faithful", "one_shot", "authors")
     assert (line["correction"], line["pricing"]) == ("self", "insample")  # the authors'
+    # their Gaussian sketch: 100 rows per 2048-token window, scaled to these windows
+    seqlen = line["seqlen"]
+    assert (line["sketch"], line["sketch_rows"], line["sketch_seed"]) == ("gaussian", -(-100 * seqlen // 2048), 0)
 
     assert line["score_fraction"] == 1.0 and line["calib_task"] == "text" and line["eval_tasks"] == ["text"]
     assert line["task"] == "text" and line["dtype"] == "float32" and line["batch_size"] == 4

@@ -85,10 +85,10 @@ def neuron_pruner(adapter, layer, sketch=None, target="self", price_folds=0, fac
     return UnitPruner.neurons(adapter.get(layer, adapter.ffn_consumer), sketch, target, price_folds, factor)
 
 
-def layer_scores(attn, neurons):
+def layer_scores(attn, neurons, attn_units=0):
     """What the solved pruners of one dense layer say every truncation costs (an empty block
-    scores as nothing to keep)."""
-    attn_errors = attn.prices() if attn else np.zeros(1)
+    scores as nothing to keep; an attention block that was not measured, as free to drop)."""
+    attn_errors = attn.prices() if attn else np.zeros(attn_units + 1)
     if neurons is None:
         return LayerScores(attn_errors, np.zeros(0), np.zeros(1))
     return LayerScores(attn_errors, neurons.pivots(), neurons.prices())
@@ -140,16 +140,18 @@ def _spans(indices):
 
 
 @torch.no_grad()
-def measure_dense(model, adapter, inputs, device, keep=(), sketch=None, ffn=True,
+def measure_dense(model, adapter, inputs, device, keep=(), sketch=None, ffn=True, attn=True,
                   progress=True, desc="pass 1: dense Grams", store=None, price_folds=0, factor="lapack"):
     """Pass 1: every layer's pruners fed on the model as it is (dense, but for ffn_then_attn),
     and the scores they give; and the solved pruners of the blocks named in `keep` ("attn",
-    "ffn"; the others None), to prune from these IDs. ffn=False: the attention's only.
+    "ffn"; the others None), to prune from these IDs. ffn=False: the attention's only;
+    attn=False: the FFN's only (the attention units scored as free, all of them kept).
     On the dense model both correction targets agree: the block's own output. price_folds: 0
     (in-sample prices), or the folds of held-out prices (batch b in fold b mod price_folds)."""
     scores, pruners = [], []
     for _, layer in each_layer(model, adapter, device, store, desc=desc, progress=progress):
-        attn = attn_pruner(adapter, layer, sketch, price_folds=price_folds, factor=factor)
+        units = adapter.n_attn_units(layer)
+        attn = attn_pruner(adapter, layer, sketch, price_folds=price_folds, factor=factor) if attn else None
         neurons = neuron_pruner(adapter, layer, sketch, price_folds=price_folds, factor=factor) if ffn else None
         for b, (x, extras, mask) in enumerate(zip(inputs.hidden, inputs.extras, inputs.masks)):
             context = adapter.attention_context(layer, x, extras)
@@ -164,7 +166,7 @@ def measure_dense(model, adapter, inputs, device, keep=(), sketch=None, ffn=True
         for pruner in (attn, neurons):
             if pruner:
                 pruner.solve()
-        scores.append(layer_scores(attn, neurons))
+        scores.append(layer_scores(attn, neurons, units))
         if keep:  # off the device: only the layer being worked on may be there
             pruners.append(tuple(p.to("cpu") if p and kind in keep else None
                                  for kind, p in (("attn", attn), ("ffn", neurons))))
@@ -223,9 +225,8 @@ def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_
     dense_hidden = [x.clone() for x in inputs.hidden] if dense else None
     drifted = False  # whether the pruned model's activations differ from the dense model's yet
     for l, layer in each_layer(model, adapter, device, store, changes=True, desc="pass 2: prune", progress=progress):
-        pruner = attn_pruner(adapter, layer, sketch, correction, factor=factor)
-        if pruner and not (attn_units[l] < pruner.n or (drifted and dense)):
-            pruner = None  # keeps every unit, and nothing to refit
+        changes = attn_units[l] < adapter.n_attn_units(layer) or (drifted and dense)  # else: nothing to refit
+        pruner = attn_pruner(adapter, layer, sketch, correction, factor=factor) if changes else None
         contexts = []
         for b, (x, extras, mask) in enumerate(zip(inputs.hidden, inputs.extras, inputs.masks)):
             contexts.append(adapter.attention_context(layer, x, extras))
@@ -253,9 +254,9 @@ def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_
             inputs.hidden[b] = None
 
         fed = dense_ffn_pruners is None  # else the FFN's IDs come from pass 1
-        pruner = neuron_pruner(adapter, layer, sketch, correction, factor=factor) if fed else dense_ffn_pruners[l]
-        if pruner and not (neurons[l] < pruner.n or (drifted and dense and fed)):
-            pruner = None
+        changes = neurons[l] < adapter.n_neurons(layer) or (drifted and dense and fed)
+        pruner = None if not changes else neuron_pruner(adapter, layer, sketch, correction, factor=factor) if fed \
+            else dense_ffn_pruners[l]
         for b, (h, mask) in enumerate(zip(hs, inputs.masks)):
             targets = {}
             if dense:
@@ -289,6 +290,16 @@ def prune_from_pruners(model, adapter, attn_units, neurons, pruners_of, store=No
             adapter.prune_attn_units(layer, *attn.prune(attn_units[l]))
         if ffn is not None:
             adapter.prune_neurons(layer, *ffn.prune(neurons[l]))
+
+
+def keeps_every_head(model, adapter, allocation, costs, mu):
+    """Whether the allocation keeps every attention unit whatever their prices (ffn_greedy while
+    they fit in the budget): pass 1 then need not measure the attention at all."""
+    if allocation != "ffn_greedy":
+        return False
+    attn_units, neurons = adapter.shape(model)
+    attn_cost, neuron_cost = costs
+    return sum(attn_units) * attn_cost <= mu * (sum(attn_units) * attn_cost + sum(neurons) * neuron_cost)
 
 
 def spread_subset(items, fraction):
@@ -361,7 +372,8 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     if method == "stat":
         warn_if_too_few_rows(model, adapter, fitted_rows(inputs, folds, sketch), more_tokens)
     scores, pruners = measure_dense(model, adapter, inputs, device, keep=keep, progress=progress, store=store,
-                                    price_folds=folds, **block_options)
+                                    price_folds=folds, attn=not keeps_every_head(model, adapter, allocation, costs, mu),
+                                    **block_options)
     del inputs
     attn_cost, neuron_cost = costs
     options = {}

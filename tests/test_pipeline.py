@@ -295,3 +295,33 @@ def test_enough_rows_for_the_units_do_not_warn():
     batches = tiny.random_batches(n_batches=4, batch=2, length=11, pad=False)  # 88 rows, 66 fitted per fold
     assert calibration_warnings(tiny.bert(layers=3), batches, pricing="heldout") == []
     assert len(calibration_warnings(tiny.bert(layers=3, ffn=72), batches, pricing="heldout")) == 1
+
+
+def test_ffn_greedy_leaves_the_attention_unmeasured_while_every_head_fits(monkeypatch):
+    """ffn_greedy keeps every attention unit while their MACs fit in the budget: pass 1 then
+    measures no attention (no attention pruner at all), and the pruned model is the one that
+    measuring it would have given; below that budget it falls back to greedy and measures it."""
+    import prune.stat as stat
+
+    batches = tiny.random_batches(n_batches=4, batch=4, length=16, pad=False)
+    made = []
+    monkeypatch.setattr(stat, "attn_pruner", lambda *a, _made=stat.attn_pruner, **k: made.append(1) or _made(*a, **k))
+    expected = {}
+    for skip in (True, False):
+        model = tiny.llama()
+        adapter = adapter_for(model)
+        monkeypatch.setattr(stat, "keeps_every_head", lambda *a, _skip=skip: _skip)
+        made.clear()
+        result = stat_prune(model, adapter, batches, adapter_costs(adapter, 16), 0.8, "cpu", allocation="ffn_greedy",
+                            progress=False, score_fraction=1.0)
+        expected[skip] = (result.attn_units, result.neurons, tiny.logits(model, batches))
+        assert (len(made) == 0) == skip  # pass 2 makes none either: every head is kept
+    assert expected[True][:2] == expected[False][:2] and torch.equal(expected[True][2], expected[False][2])
+    monkeypatch.undo()
+    model = tiny.llama()
+    adapter = adapter_for(model)
+    costs = adapter_costs(adapter, 16)
+    assert stat.keeps_every_head(model, adapter, "ffn_greedy", costs, 0.8)
+    assert not stat.keeps_every_head(model, adapter, "greedy", costs, 0.8)
+    heads_share = 3 * 2 * costs[0] / (3 * 2 * costs[0] + 3 * 64 * costs[1])  # 3 layers, 2 KV groups, 64 neurons
+    assert not stat.keeps_every_head(model, adapter, "ffn_greedy", costs, heads_share * 0.99)

@@ -13,6 +13,8 @@ A variant is a '+'-joined list of settings on top of `today` (stat_prune's defau
   sf=X             --score_fraction X
   price=NAME       --pricing NAME (insample, heldout)
   folds=N          held-out prices over N folds of the calibration batches (stat_prune's price_folds)
+  sketch=KIND:ROWS --sketch KIND --sketch_rows ROWS (gaussian: rows per window; count: per batch)
+  factor=NAME      --factor NAME (lapack, torch)
 (The variants of issue 14 that were removed in issue 20, bias, addbias, ridge=X, idridge=X,
 nerr, select=dense and res apart from dense, run at commit 7ed5679.)
 
@@ -54,6 +56,7 @@ from evaluate.inputs import accepted_inputs  # noqa: E402
 from evaluate.perplexity import perplexity  # noqa: E402
 from prerequisites.adapters import adapter_for  # noqa: E402
 from prerequisites.checkpoint import load_model, load_tokenizer  # noqa: E402
+from prune.gram import Sketch  # noqa: E402
 from prune.stat import stat_prune  # noqa: E402
 
 OUT = os.path.join(ROOT, "output", "bench_corrections")
@@ -82,6 +85,11 @@ def parse_variant(name):
             options["pricing"] = value
         elif key == "folds":
             options["price_folds"] = int(value)
+        elif key == "sketch":
+            kind, rows = value.split(":")
+            options["sketch"] = Sketch(kind, int(rows))  # reseeded per run below
+        elif key == "factor":
+            options["factor"] = value
         elif key == "sf":
             options["score_fraction"] = float(value)
         else:
@@ -248,6 +256,8 @@ class SmolLM2:
 
 def run(bench, variant, mu, seed):
     options, nsamples = parse_variant(variant)
+    if "sketch" in options:  # its draws follow the calibration seed, as the scripts' --seed
+        options["sketch"] = options["sketch"].reseeded(seed)
     model = copy.deepcopy(bench.dense)
     result = stat_prune(model, bench.adapter, bench.calibration(seed, nsamples), bench.costs, mu, "cpu",
                         progress=False, **options)

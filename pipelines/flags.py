@@ -89,8 +89,8 @@ def add_correction_arguments(p):
     p.add_argument("--pricing", choices=PRICINGS,
                    help="[protocol] what pass 1 prices each truncation on, for the allocation: insample (paper; "
                         "improved for encoders: the calibration batches the IDs are fitted on) or heldout (improved "
-                        "for decoders, measured ahead on SmolLM2 at every budget: cross-validated over 4 folds of "
-                        "the batches, batch b in fold b mod 4, each fold priced by the ID fitted on the other three; "
+                        "for decoders, measured ahead on SmolLM2 at every budget: cross-validated over 3 folds of "
+                        "the batches, batch b in fold b mod 3, each fold priced by the ID fitted on the other two; "
                         "pass 1 then scores every batch)")
 
 

@@ -128,7 +128,7 @@ def greedy_order(G):
 
 @pytest.mark.parametrize("unit_dims", [1, 2])
 def test_held_out_prices_are_cross_validated_errors_of_the_id(unit_dims):
-    """--pricing heldout: pass 1 prices each truncation by cross-validation over 4 folds of
+    """--pricing heldout: pass 1 prices each truncation by cross-validation over folds (4 here) of
     the batches: each fold gets the error that the ID fitted on the other three leaves on it
     (neurons: the weight-scaled ID's error; attention units: whole units, the error after the
     output projection); checked against residuals formed explicitly."""

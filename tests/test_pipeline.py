@@ -13,6 +13,7 @@ from prerequisites.adapters import adapter_for
 from prerequisites.layerwise import capture_inputs
 from prune.gram import Sketch
 from prune.stat import CalibrationWarning, fitted_rows, prune_sequential, stat_prune
+from prune.units import PRICE_FOLDS
 
 FAMILIES = {"bert": tiny.bert, "distilbert": tiny.distilbert, "opt": tiny.opt, "llama": tiny.llama}
 
@@ -260,7 +261,7 @@ def test_fitted_rows_counts_real_tokens_and_the_smallest_fit():
     real = [int(b["attention_mask"].sum()) for b in batches]
     inputs = capture_inputs(model, adapter, batches, "cpu")
     assert fitted_rows(inputs, price_folds=0) == sum(real)
-    # held out: batch b in fold b mod 4; each fold's ID is fitted on the other folds' rows
+    # held out over 4 folds: batch b in fold b mod 4; each fold's ID is fitted on the other folds' rows
     folds = [real[0] + real[4], real[1] + real[5], real[2], real[3]]
     assert fitted_rows(inputs, price_folds=4) == sum(real) - max(folds)
     one = capture_inputs(model, adapter, batches[:1], "cpu")
@@ -292,9 +293,11 @@ def test_enough_rows_for_the_units_do_not_warn():
     assert calibration_warnings(tiny.bert(layers=3), batches, score_fraction=1.0) == []
     # but pass 1 on a quarter of them (48 rows) is too few, and so is a quarter held out by each fold
     assert len(calibration_warnings(tiny.bert(layers=3), batches, score_fraction=0.25)) == 1
-    batches = tiny.random_batches(n_batches=4, batch=2, length=11, pad=False)  # 88 rows, 66 fitted per fold
-    assert calibration_warnings(tiny.bert(layers=3), batches, pricing="heldout") == []
-    assert len(calibration_warnings(tiny.bert(layers=3, ffn=72), batches, pricing="heldout")) == 1
+    # held out: two batches of 22 rows per fold, each fold's ID fitted on the others' 44·(folds − 1)
+    batches = tiny.random_batches(n_batches=2 * PRICE_FOLDS, batch=2, length=11, pad=False)
+    fitted = 44 * (PRICE_FOLDS - 1)
+    assert fitted >= 64 and calibration_warnings(tiny.bert(layers=3), batches, pricing="heldout") == []
+    assert len(calibration_warnings(tiny.bert(layers=3, ffn=fitted + 8), batches, pricing="heldout")) == 1
 
 
 def test_ffn_greedy_leaves_the_attention_unmeasured_while_every_head_fits(monkeypatch):

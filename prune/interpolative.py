@@ -135,7 +135,7 @@ FACTORS = ("auto", "torch", "lapack")  # who computes the pivoted Cholesky: see 
 
 def resolve_factor(factor, device):
     """'torch' or 'lapack' for `factor` in FACTORS. auto: torch where the Gram is on a GPU (it never
-    leaves the device), LAPACK on the CPU, where it measured faster (benchmarks/bench_factor.py)."""
+    leaves the device), LAPACK on the CPU, where it measured faster (benchmarks/bench_block.py, docs/results.md)."""
     if factor not in FACTORS:
         raise ValueError(f"unknown factor {factor!r}: choose from {', '.join(FACTORS)}")
     if factor == "auto":

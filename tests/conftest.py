@@ -10,3 +10,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """The tiny checkpoints of tiny.CHECKPOINTS, saved once for the whole run: name -> folder.
+    Read them; a test that changes a checkpoint saves its own copy."""
+    import tiny
+
+    return tiny.build_checkpoints(str(tmp_path_factory.mktemp("tiny-checkpoints")))

@@ -42,7 +42,7 @@ def hub_cache(tmp_path_factory):
     bert_tokenizer = AutoTokenizer.from_pretrained(tiny.minilm_dir())
     snapshots = {
         "tiny-org/tiny-bert-sst2": cache_model(cache, "tiny-org/tiny-bert-sst2", tiny.bert(), bert_tokenizer),
-        "tiny-org/tiny-opt": cache_model(cache, "tiny-org/tiny-opt", tiny.opt(positions=128),
+        "tiny-org/tiny-opt": cache_model(cache, "tiny-org/tiny-opt", tiny.CHECKPOINTS["tiny-opt"](),
                                          AutoTokenizer.from_pretrained(tiny.gpt2_tokenizer_dir())),
     }
     return cache, snapshots

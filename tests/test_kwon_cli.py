@@ -29,19 +29,6 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(tiny.minilm_dir())
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("models")
-    paths = {}
-    for name, model in (("tiny-bert", tiny.bert()), ("tiny-distilbert", tiny.distilbert()),
-                        ("tiny-bert-qa", tiny.bert(qa=True))):
-        path = str(root / name)
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        paths[name] = path
-    return paths
-
-
 def legacy_choice(population, n, seed):
     """What their script does: transformers.set_seed(seed) seeds numpy's global generator, then
     np.random.choice(len(dataset), num_samples)."""
@@ -108,12 +95,13 @@ def recording_kwon(monkeypatch):
 
 
 @pytest.mark.parametrize("model_name,task", [("tiny-bert", "sst2"), ("tiny-distilbert", "mrpc")])
-def test_kwon_end_to_end_on_glue(checkpoints, tmp_path, monkeypatch, model_name, task):
+def test_kwon_end_to_end_on_glue(tiny_checkpoints, tmp_path, monkeypatch, model_name, task):
     data = str(tmp_path / "glue")
     (write_sst2 if task == "sst2" else write_mrpc)(data)
     out, saved = str(tmp_path / "output"), str(tmp_path / "pruned")
     common = ["--model_name", model_name, "--task_name", task, "--mu", "0.5", "--seed", "2", "--model_dir",
-              checkpoints[model_name], "--data_dir", data, "--output_dir", out, "--device", "cpu", "--batch_size", "8"]
+              tiny_checkpoints[model_name], "--data_dir", data, "--output_dir", out, "--device", "cpu",
+              "--batch_size", "8"]
     seen = recording_kwon(monkeypatch)
     saved_models = []
     real_save = pipelines.encoder.save_pruned
@@ -141,13 +129,14 @@ def test_kwon_end_to_end_on_glue(checkpoints, tmp_path, monkeypatch, model_name,
                                rtol=0, atol=0)
 
 
-def test_kwon_end_to_end_on_squad(checkpoints, tmp_path, monkeypatch):
+def test_kwon_end_to_end_on_squad(tiny_checkpoints, tmp_path, monkeypatch):
     data = str(tmp_path / "squad")
     write_squad(data, "1.1")
     out, saved = str(tmp_path / "output"), str(tmp_path / "pruned")
     seen = recording_kwon(monkeypatch)
     record = prune_bert.main(["--model_name", "tiny-bert-qa", "--task_name", "squad", "--mu", "0.4", "--method", "kwon",
-                              "--num_samples", "20", "--batch_size", "4", "--model_dir", checkpoints["tiny-bert-qa"],
+                              "--num_samples", "20", "--batch_size", "4",
+                              "--model_dir", tiny_checkpoints["tiny-bert-qa"],
                               "--data_dir", data, "--output_dir", out, "--device", "cpu", "--save_model", saved])
     assert seen["batch_sizes"] == [12, 8] and {"start_positions", "end_positions"} <= seen["keys"]
     assert seen["classification"] is False
@@ -163,9 +152,9 @@ def test_kwon_end_to_end_on_squad(checkpoints, tmp_path, monkeypatch):
     (["--num_samples", "64"], "--num_samples applies to --method kwon"),
     (["--method", "kwon", "--num_samples", "0"], "expected a positive integer"),
 ])
-def test_flags_that_the_method_would_ignore_are_errors(checkpoints, tmp_path, capsys, extra, expected):
+def test_flags_that_the_method_would_ignore_are_errors(tiny_checkpoints, tmp_path, capsys, extra, expected):
     code, err = run_cli(["--model_name", "tiny-bert", "--task_name", "sst2", "--mu", "0.5", "--model_dir",
-                         checkpoints["tiny-bert"], "--output_dir", str(tmp_path / "out"), *extra], capsys)
+                         tiny_checkpoints["tiny-bert"], "--output_dir", str(tmp_path / "out"), *extra], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error:") and expected in err, err
     assert not os.path.exists(tmp_path / "out")
 

@@ -1,4 +1,4 @@
-"""prune_bert.py end to end on tiny random checkpoints, and its errors on bad input."""
+"""prune_bert.py end to end on tiny random tiny_checkpoints, and its errors on bad input."""
 import json
 import os
 import shutil
@@ -8,7 +8,6 @@ import warnings
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 import pipelines.encoder
 import prune_bert
@@ -44,26 +43,13 @@ def write_mrpc(folder, n_train=40, n_dev=20):
                 f.write(f"{i % 2}\t{i}\t{i + 1000}\t{a}\t{b}\n")
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    tokenizer = AutoTokenizer.from_pretrained(tiny.minilm_dir())
-    paths = {}
-    for name, model in (("tiny-bert", tiny.bert()), ("tiny-distilbert", tiny.distilbert())):
-        path = str(root / name)
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        paths[name] = path
-    return paths
-
-
 @pytest.mark.parametrize("model_name,task", [("tiny-bert", "sst2"), ("tiny-distilbert", "mrpc")])
-def test_end_to_end_on_a_tiny_model(checkpoints, tmp_path, model_name, task):
+def test_end_to_end_on_a_tiny_model(tiny_checkpoints, tmp_path, model_name, task):
     data = str(tmp_path / "glue" / ("SST-2" if task == "sst2" else "MRPC"))
     (write_sst2 if task == "sst2" else write_mrpc)(data)
     out, saved = str(tmp_path / "output"), str(tmp_path / "pruned")
     argv = ["--model_name", model_name, "--task_name", task, "--mu", "0.5", "--seed", "3",
-            "--sample_batch_size", "16", "--model_dir", checkpoints[model_name], "--data_dir", data,
+            "--sample_batch_size", "16", "--model_dir", tiny_checkpoints[model_name], "--data_dir", data,
             "--output_dir", out, "--device", "cpu", "--save_model", saved, "--batch_size", "8"]
     record = prune_bert.main(argv)
     prune_bert.main(argv[:-4] + ["--method", "magnitude", "--batch_size", "8"])
@@ -109,12 +95,12 @@ def run_cli(argv, capsys):
     (["--sample_batch_size", "49"], "only 48"),  # the training set has 48 examples
     (["--model_dir", "/nonexistent/checkpoint"], "checkpoint not found"),
 ])
-def test_bad_input_gives_one_line_and_exit_status_2(checkpoints, tmp_path, capsys, monkeypatch, bad, expected):
+def test_bad_input_gives_one_line_and_exit_status_2(tiny_checkpoints, tmp_path, capsys, monkeypatch, bad, expected):
     monkeypatch.setattr(pipelines.encoder, "load_model", tiny.model_loaded)  # every check comes before the model loads
     data = str(tmp_path / "SST-2")
     write_sst2(data)
     argv = {"--model_name": "tiny-bert", "--task_name": "sst2", "--mu": "0.5",
-            "--model_dir": checkpoints["tiny-bert"], "--data_dir": data, "--output_dir": str(tmp_path / "out")}
+            "--model_dir": tiny_checkpoints["tiny-bert"], "--data_dir": data, "--output_dir": str(tmp_path / "out")}
     argv.update(dict(zip(bad[::2], bad[1::2])))
     code, err = run_cli([x for kv in argv.items() for x in kv], capsys)
     assert code == 2
@@ -122,25 +108,25 @@ def test_bad_input_gives_one_line_and_exit_status_2(checkpoints, tmp_path, capsy
     assert not os.path.exists(tmp_path / "out")  # no half-written results
 
 
-def test_malformed_data_file(checkpoints, tmp_path, capsys):
+def test_malformed_data_file(tiny_checkpoints, tmp_path, capsys):
     data = str(tmp_path / "SST-2")
     write_sst2(data)
     with open(os.path.join(data, "dev.tsv"), "a") as f:
         f.write("a sentence with no label column\n")
     code, err = run_cli(["--model_name", "tiny-bert", "--task_name", "sst2", "--mu", "0.5", "--model_dir",
-                         checkpoints["tiny-bert"], "--data_dir", data], capsys)
+                         tiny_checkpoints["tiny-bert"], "--data_dir", data], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "dev.tsv" in err
 
 
 @pytest.mark.parametrize("flag", ["--save_model", "--output_dir"])
-def test_output_paths_under_a_file_fail_before_any_work(checkpoints, tmp_path, capsys, monkeypatch, flag):
+def test_output_paths_under_a_file_fail_before_any_work(tiny_checkpoints, tmp_path, capsys, monkeypatch, flag):
     monkeypatch.setattr(pipelines.encoder, "load_model", tiny.model_loaded)
     data = str(tmp_path / "SST-2")
     write_sst2(data)
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
-    argv = {"--model_name": "tiny-bert", "--task_name": "sst2", "--mu": "0.5", "--model_dir": checkpoints["tiny-bert"],
-            "--data_dir": data, "--output_dir": str(tmp_path / "out")}
+    argv = {"--model_name": "tiny-bert", "--task_name": "sst2", "--mu": "0.5",
+            "--model_dir": tiny_checkpoints["tiny-bert"], "--data_dir": data, "--output_dir": str(tmp_path / "out")}
     for path in (a_file, a_file / "inside"):
         argv[flag] = str(path)
         code, err = run_cli([x for kv in argv.items() for x in kv], capsys)
@@ -150,9 +136,9 @@ def test_output_paths_under_a_file_fail_before_any_work(checkpoints, tmp_path, c
 
 
 @pytest.mark.parametrize("damage", ["no weights", "truncated weights"])
-def test_damaged_checkpoint(checkpoints, tmp_path, capsys, damage):
+def test_damaged_checkpoint(tiny_checkpoints, tmp_path, capsys, damage):
     broken = tmp_path / "broken"
-    shutil.copytree(checkpoints["tiny-bert"], broken)
+    shutil.copytree(tiny_checkpoints["tiny-bert"], broken)
     weights = broken / "model.safetensors"
     if damage == "no weights":
         weights.unlink()
@@ -184,17 +170,17 @@ PROVENANCE = ("protocol", "allocation", "calibration", "score_fraction", "mac_sp
               "git_commit", "git_dirty", "versions")
 
 
-def sst2_argv(checkpoints, tmp_path, *extra):
+def sst2_argv(tiny_checkpoints, tmp_path, *extra):
     data = str(tmp_path / "SST-2")
     if not os.path.exists(data):
         write_sst2(data)
     return ["--model_name", "tiny-bert", "--task_name", "sst2", "--mu", "0.5", "--sample_batch_size", "16",
-            "--model_dir", checkpoints["tiny-bert"], "--data_dir", data, "--output_dir", str(tmp_path / "out"),
+            "--model_dir", tiny_checkpoints["tiny-bert"], "--data_dir", data, "--output_dir", str(tmp_path / "out"),
             "--device", "cpu", "--batch_size", "8", *extra]
 
 
-def test_protocol_paper_end_to_end_and_every_knob_in_the_record(checkpoints, tmp_path):
-    record = prune_bert.main(sst2_argv(checkpoints, tmp_path, "--protocol", "paper", "--seed", "2"))
+def test_protocol_paper_end_to_end_and_every_knob_in_the_record(tiny_checkpoints, tmp_path):
+    record = prune_bert.main(sst2_argv(tiny_checkpoints, tmp_path, "--protocol", "paper", "--seed", "2"))
     saved = json.loads(open(tmp_path / "out" / "tiny-bert" / "sst2.jsonl").read().splitlines()[-1])
     for key in PROVENANCE:
         assert key in saved, key
@@ -207,21 +193,21 @@ def test_protocol_paper_end_to_end_and_every_knob_in_the_record(checkpoints, tmp
     assert "protocol paper" in open(tmp_path / "out" / "tiny-bert" / "sst2.txt").read()
 
     # a flag given wins over the protocol, the others stay the protocol's
-    record = prune_bert.main(sst2_argv(checkpoints, tmp_path, "--protocol", "paper", "--allocation", "greedy",
+    record = prune_bert.main(sst2_argv(tiny_checkpoints, tmp_path, "--protocol", "paper", "--allocation", "greedy",
                                        "--sketch", "count", "--sketch_rows", "64", "--seed", "5"))
     assert record["allocation"] == "greedy" and record["calibration"] == "ffn_then_attn"
     assert (record["sketch"], record["sketch_rows"], record["sketch_seed"]) == ("count", 64, 5)
-    improved = prune_bert.main(sst2_argv(checkpoints, tmp_path))
+    improved = prune_bert.main(sst2_argv(tiny_checkpoints, tmp_path))
     assert (improved["protocol"], improved["allocation"], improved["calibration"], improved["mac_split"],
             improved["sampler"], improved["score_fraction"]) == ("improved", "greedy", "sequential", "exact",
                                                                  "distinct", 0.25)
     assert improved["mac_ratio"] <= 0.5 + 1e-9
 
 
-def test_the_dense_scores_are_cached(checkpoints, tmp_path, capsys):
+def test_the_dense_scores_are_cached(tiny_checkpoints, tmp_path, capsys):
     model_dir = tmp_path / "ckpt"
-    shutil.copytree(checkpoints["tiny-bert"], model_dir)
-    argv = sst2_argv(checkpoints, tmp_path, "--model_dir", str(model_dir))
+    shutil.copytree(tiny_checkpoints["tiny-bert"], model_dir)
+    argv = sst2_argv(tiny_checkpoints, tmp_path, "--model_dir", str(model_dir))
     first = prune_bert.main(argv)
     assert not first["dense_cached"]
     entries = list((tmp_path / "out" / ".dense_cache").glob("*.json"))
@@ -252,17 +238,17 @@ def test_the_dense_scores_are_cached(checkpoints, tmp_path, capsys):
     assert len(list((tmp_path / "out" / ".dense_cache").glob("*.json"))) == 3
 
 
-def test_with_replacement_may_ask_for_more_examples_than_the_training_set(checkpoints, tmp_path):
-    record = prune_bert.main(sst2_argv(checkpoints, tmp_path, "--sampler", "with_replacement",
+def test_with_replacement_may_ask_for_more_examples_than_the_training_set(tiny_checkpoints, tmp_path):
+    record = prune_bert.main(sst2_argv(tiny_checkpoints, tmp_path, "--sampler", "with_replacement",
                                        "--sample_batch_size", "60"))  # the training set has 48
     assert record["sample_batch_size"] == 60 and record["sampler"] == "with_replacement"
 
 
-def test_too_few_calibration_tokens_is_one_warning_line_naming_the_flag(checkpoints, tmp_path):
+def test_too_few_calibration_tokens_is_one_warning_line_naming_the_flag(tiny_checkpoints, tmp_path):
     """--sample_batch_size 1: one short sentence calibrates every Gram (issue 20's MiniLM case).
     Through a real interpreter (as a user sees it): one line on stderr names the blocks, the
     rows and the units, and the flag to pass instead; the run goes on."""
-    argv = sst2_argv(checkpoints, tmp_path, "--sample_batch_size", "1")
+    argv = sst2_argv(tiny_checkpoints, tmp_path, "--sample_batch_size", "1")
     proc = subprocess.run([sys.executable, "prune_bert.py", *argv], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert proc.returncode == 0, proc.stderr
@@ -272,11 +258,11 @@ def test_too_few_calibration_tokens_is_one_warning_line_naming_the_flag(checkpoi
     assert "FFN of layers 0-2: 64 neurons" in lines[0] and "--sample_batch_size " in lines[0]
     with warnings.catch_warnings():  # 48 sentences, all in pass 1: enough rows for 64 neurons
         warnings.simplefilter("error", CalibrationWarning)
-        prune_bert.main(sst2_argv(checkpoints, tmp_path, "--sample_batch_size", "48", "--score_fraction", "1"))
+        prune_bert.main(sst2_argv(tiny_checkpoints, tmp_path, "--sample_batch_size", "48", "--score_fraction", "1"))
 
 
-def test_factor_torch_and_lapack_keep_the_same_units_and_the_record_says_which(checkpoints, tmp_path):
-    records = {factor: prune_bert.main(sst2_argv(checkpoints, tmp_path, "--sample_batch_size", "48", "--factor",
+def test_factor_torch_and_lapack_keep_the_same_units_and_the_record_says_which(tiny_checkpoints, tmp_path):
+    records = {factor: prune_bert.main(sst2_argv(tiny_checkpoints, tmp_path, "--sample_batch_size", "48", "--factor",
                                                  factor, "--no_cache"))
                for factor in ("torch", "lapack", "auto")}
     assert [r["factor"] for r in records.values()] == ["torch", "lapack", "lapack"]  # auto on the CPU: lapack

@@ -13,7 +13,6 @@ import pipelines.decoder
 import prune_opt
 import quantize_opt
 import tiny
-from dataset.lm import AUSTEN_DIR
 from evaluate.perplexity import perplexity
 from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import load_model
@@ -34,21 +33,9 @@ def test_layer_by_layer_perplexity_equals_a_full_forward_pass(make):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("decoders")
-    tokenizer = AutoTokenizer.from_pretrained(tiny.gpt2_tokenizer_dir())
-    paths = {}
-    for name, model in (("tiny-opt", tiny.opt(positions=128)), ("tiny-llama", tiny.llama(positions=128))):
-        paths[name] = str(root / name)
-        model.save_pretrained(paths[name])
-        tokenizer.save_pretrained(paths[name])
-    data = root / "text"
-    data.mkdir()
-    text = open(os.path.join(AUSTEN_DIR, "emma.txt")).read()
-    (data / "train.txt").write_text(text[:40000])
-    (data / "test.txt").write_text(text[40000:52000])
-    paths["data"] = str(data)
-    return paths
+def setup(tiny_checkpoints, tmp_path_factory):
+    data = tiny.write_austen(tmp_path_factory.mktemp("text"), 40000, 12000)
+    return {**tiny_checkpoints, "data": data}
 
 
 @pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama"])

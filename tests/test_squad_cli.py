@@ -93,19 +93,6 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(tiny.minilm_dir())
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("models")
-    paths = {}
-    for name, model in (("tiny-bert-qa", tiny.bert(qa=True)), ("tiny-distilbert-qa", tiny.distilbert(qa=True)),
-                        ("tiny-bert-cls", tiny.bert())):
-        path = str(root / name)
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        paths[name] = path
-    return paths
-
-
 def logits(model, features):
     """Start and end logits of a padded batch of features."""
     with torch.no_grad():
@@ -115,7 +102,7 @@ def logits(model, features):
 
 @pytest.mark.parametrize("model_name,task,version", [("tiny-bert-qa", "squad", "1.1"),
                                                      ("tiny-distilbert-qa", "squad_v2", "2.0")])
-def test_end_to_end_on_a_tiny_qa_model(checkpoints, tokenizer, tmp_path, monkeypatch, model_name, task, version):
+def test_end_to_end_on_a_tiny_qa_model(tiny_checkpoints, tokenizer, tmp_path, monkeypatch, model_name, task, version):
     data = str(tmp_path / "squad")
     dev_paragraphs = write_squad(data, version)
     dev_questions = [qa for p in dev_paragraphs for qa in p["qas"]]
@@ -146,7 +133,8 @@ def test_end_to_end_on_a_tiny_qa_model(checkpoints, tokenizer, tmp_path, monkeyp
     out, saved = str(tmp_path / "output"), str(tmp_path / "pruned")
     mu = 0.5
     record = prune_bert.main(["--model_name", model_name, "--task_name", task, "--mu", str(mu), "--seed", "1",
-                              "--sample_batch_size", "8", "--batch_size", "4", "--model_dir", checkpoints[model_name],
+                              "--sample_batch_size", "8", "--batch_size", "4",
+                              "--model_dir", tiny_checkpoints[model_name],
                               "--data_dir", data, "--output_dir", out, "--device", "cpu", "--save_model", saved])
 
     # One dense and one pruned scoring pass per run: the dense score is computed once.
@@ -191,7 +179,7 @@ def test_end_to_end_on_a_tiny_qa_model(checkpoints, tokenizer, tmp_path, monkeyp
     # The dense score is the dense checkpoint's, scored afresh here.
     examples = load_squad(version, "validation", data)
     features = prepare_eval_features(examples, tokenizer)
-    dense = load_model(checkpoints[model_name])
+    dense = load_model(tiny_checkpoints[model_name])
     dense_again = evaluate_squad(dense, examples, features, version, "cpu", 4)
     assert dense_again["f1"] == pytest.approx(written["metrics"]["dense"]["f1"], abs=1e-9)
     assert dense_again["exact"] == pytest.approx(written["metrics"]["dense"]["exact"], abs=1e-9)
@@ -211,12 +199,12 @@ def test_end_to_end_on_a_tiny_qa_model(checkpoints, tokenizer, tmp_path, monkeyp
     assert np.isfinite(start.numpy()).all()
 
 
-def test_sequence_classification_checkpoint_is_refused(checkpoints, tmp_path, capsys):
+def test_sequence_classification_checkpoint_is_refused(tiny_checkpoints, tmp_path, capsys):
     data = str(tmp_path / "squad")
     write_squad(data, "1.1")
     out = tmp_path / "output"
-    argv = ["--model_name", "tiny-bert-cls", "--task_name", "squad", "--mu", "0.5", "--model_dir",
-            checkpoints["tiny-bert-cls"], "--data_dir", data, "--output_dir", str(out), "--device", "cpu"]
+    argv = ["--model_name", "tiny-bert", "--task_name", "squad", "--mu", "0.5", "--model_dir",
+            tiny_checkpoints["tiny-bert"], "--data_dir", data, "--output_dir", str(out), "--device", "cpu"]
     code, err = run_cli(argv, capsys)
     lines = err.splitlines()
     assert code == 2
@@ -228,18 +216,18 @@ def test_sequence_classification_checkpoint_is_refused(checkpoints, tmp_path, ca
     assert not out.exists()  # no half-written results
 
 
-def test_missing_squad_file_is_one_line(checkpoints, tmp_path, capsys):
+def test_missing_squad_file_is_one_line(tiny_checkpoints, tmp_path, capsys):
     data = str(tmp_path / "squad")
     write_squad(data, "1.1")
     os.remove(os.path.join(data, "dev-v1.1.json"))
     argv = ["--model_name", "tiny-bert-qa", "--task_name", "squad", "--mu", "0.5", "--model_dir",
-            checkpoints["tiny-bert-qa"], "--data_dir", data, "--output_dir", str(tmp_path / "output")]
+            tiny_checkpoints["tiny-bert-qa"], "--data_dir", data, "--output_dir", str(tmp_path / "output")]
     code, err = run_cli(argv, capsys)
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("error:") and "dev-v1.1.json" in err
 
 
-def test_protocol_paper_draws_among_all_training_features(checkpoints, tokenizer, tmp_path):
+def test_protocol_paper_draws_among_all_training_features(tiny_checkpoints, tokenizer, tmp_path):
     from evaluate.tasks import make_task
     from dataset.squad import prepare_train_features
 
@@ -256,7 +244,8 @@ def test_protocol_paper_draws_among_all_training_features(checkpoints, tokenizer
 
     record = prune_bert.main(["--model_name", "tiny-bert-qa", "--task_name", "squad", "--mu", "0.5", "--seed", "3",
                               "--sample_batch_size", "12", "--batch_size", "4", "--model_dir",
-                              checkpoints["tiny-bert-qa"], "--data_dir", data, "--output_dir", str(tmp_path / "out"),
+                              tiny_checkpoints["tiny-bert-qa"], "--data_dir", data,
+                              "--output_dir", str(tmp_path / "out"),
                               "--device", "cpu", "--protocol", "paper"])
     assert (record["sampler"], record["allocation"], record["calibration"]) == ("with_replacement", "faithful",
                                                                                 "ffn_then_attn")

@@ -13,7 +13,6 @@ import opt_eval
 import prune_opt
 import quantize_opt
 import tiny
-from dataset.lm import AUSTEN_DIR
 from efficiency.macs import adapter_costs
 from evaluate.perplexity import window_nlls
 from prerequisites.adapters import adapter_for
@@ -165,16 +164,10 @@ def test_streamed_quantization_gives_the_same_codes_and_checkpoint(nearest, tmp_
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus(tiny_checkpoints, tmp_path_factory):
     data = tmp_path_factory.mktemp("corpus")
-    text = open(os.path.join(AUSTEN_DIR, "emma.txt")).read()
-    (data / "train.txt").write_text(text[:30000])
-    (data / "test.txt").write_text(text[30000:38000])
-    tokenizer = AutoTokenizer.from_pretrained(tiny.gpt2_tokenizer_dir())
-    model_dir = data / "tiny-llama"
-    tiny.llama(positions=128).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    return str(data), str(model_dir)
+    tiny.write_austen(data, 30000, 8000)
+    return str(data), tiny_checkpoints["tiny-llama"]
 
 
 def run(script, corpus, tmp_path, name, extra):

@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import submitit
-from transformers import AutoTokenizer
 
 import prune_bert
 import sweep
@@ -165,8 +164,7 @@ def test_the_command_line_reports_a_bad_grid_in_one_line(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    tiny.bert().save_pretrained(root / "tiny-bert")
-    AutoTokenizer.from_pretrained(tiny.minilm_dir()).save_pretrained(root / "tiny-bert")
+    tiny.save_checkpoint(tiny.bert(), root / "tiny-bert", tiny.minilm_dir())
     write_sst2(str(root / "SST-2"))
     return root
 

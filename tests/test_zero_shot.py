@@ -19,7 +19,6 @@ import pipelines.decoder
 import prune_opt
 import quantize_opt
 import tiny
-from dataset.lm import AUSTEN_DIR
 from evaluate import zero_shot
 from prerequisites.checkpoint import load_model
 from quantize.storage import QUANTIZED
@@ -31,14 +30,9 @@ WORDS = "the a of and to in was her she he it his had you that with for not but 
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tiny_checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("zero_shot")
-    tokenizer = AutoTokenizer.from_pretrained(tiny.gpt2_tokenizer_dir())
-    paths = {}
-    for name, model in (("tiny-opt", tiny.opt(positions=128)), ("tiny-llama", tiny.llama(positions=128))):
-        paths[name] = str(root / name)
-        model.save_pretrained(paths[name])
-        tokenizer.save_pretrained(paths[name])
+    paths = dict(tiny_checkpoints)
     # the task: 40 questions, 3 or 4 choices of 1 to 5 words (so acc and acc_norm differ)
     r = random.Random(0)
     docs = []
@@ -50,12 +44,7 @@ def setup(tmp_path_factory):
     tasks.mkdir()
     zero_shot.write_choice_task(str(tasks), TASK, docs)
     paths["tasks"], paths["docs"] = str(tasks), docs
-    data = root / "text"
-    data.mkdir()
-    text = open(os.path.join(AUSTEN_DIR, "emma.txt")).read()
-    (data / "train.txt").write_text(text[:40000])
-    (data / "test.txt").write_text(text[40000:52000])
-    paths["data"] = str(data)
+    paths["data"] = tiny.write_austen(root / "text", 40000, 12000)
     return paths
 
 

@@ -3,9 +3,9 @@ import os
 
 import pytest
 import torch
-from transformers import (BertConfig, BertForQuestionAnswering, BertForSequenceClassification, DistilBertConfig,
-                          DistilBertForQuestionAnswering, DistilBertForSequenceClassification, LlamaConfig,
-                          LlamaForCausalLM, OPTConfig, OPTForCausalLM)
+from transformers import (AutoTokenizer, BertConfig, BertForQuestionAnswering, BertForSequenceClassification,
+                          DistilBertConfig, DistilBertForQuestionAnswering, DistilBertForSequenceClassification,
+                          LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM)
 
 from scripts.build_demo_classifier import minilm_dir  # noqa: F401  (the tests take it from here)
 
@@ -56,6 +56,48 @@ def llama(layers=3, heads=4, kv_heads=2, hidden=32, ffn=64, vocab=50257, seed=0,
                          num_key_value_heads=kv_heads, intermediate_size=ffn, max_position_embeddings=positions,
                          tie_word_embeddings=False)
     return _spread(LlamaForCausalLM(config)).eval()
+
+
+# The tiny checkpoints the command-line tests read, by name: the model and the tokenizer of its
+# family (bert-base-uncased's for the encoders, GPT-2's for the decoders).
+CHECKPOINTS = {
+    "tiny-bert": lambda: bert(),
+    "tiny-distilbert": lambda: distilbert(),
+    "tiny-bert-qa": lambda: bert(qa=True),
+    "tiny-distilbert-qa": lambda: distilbert(qa=True),
+    "tiny-opt": lambda: opt(positions=128),
+    "tiny-llama": lambda: llama(positions=128),
+}
+
+
+def tokenizer_dir_for(name):
+    return gpt2_tokenizer_dir() if name in ("tiny-opt", "tiny-llama") else minilm_dir()
+
+
+def save_checkpoint(model, folder, tokenizer_dir):
+    """A checkpoint folder as the scripts read one: the model's files and its tokenizer's."""
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return str(folder)
+
+
+def build_checkpoints(root):
+    """Every checkpoint of CHECKPOINTS under root (a second or two): name -> folder."""
+    return {name: save_checkpoint(make(), os.path.join(root, name), tokenizer_dir_for(name))
+            for name, make in CHECKPOINTS.items()}
+
+
+def write_austen(folder, train_chars, test_chars):
+    """A small text corpus (train.txt, test.txt) cut from Emma, for --task text."""
+    from dataset.lm import AUSTEN_DIR
+
+    os.makedirs(folder, exist_ok=True)
+    text = open(os.path.join(AUSTEN_DIR, "emma.txt")).read()
+    with open(os.path.join(folder, "train.txt"), "w") as f:
+        f.write(text[:train_chars])
+    with open(os.path.join(folder, "test.txt"), "w") as f:
+        f.write(text[train_chars:train_chars + test_chars])
+    return str(folder)
 
 
 def random_batches(n_batches=3, batch=4, length=12, vocab=1000, pad=True, seed=0):

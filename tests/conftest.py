@@ -1,6 +1,8 @@
 import os
 import sys
 
+import pytest
+
 # Tests never reach a hub: tiny models come from configs, data from files the tests write.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -10,9 +12,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

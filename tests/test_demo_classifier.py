@@ -6,29 +6,23 @@ the 9,000 movie-sentiment training sentences, scored on the first 600 dev senten
 minute on 2 cores, where the demo's own classifier takes about five (test_finetune.py checks the
 recipe itself bit for bit; `make demo` builds and prunes the full one). Measured on the whole
 dev set: dense 0.748, STAT 0.738, magnitude 0.603."""
-import os
-
 import pytest
 
 import prune_bert
+import tiny
 from scripts import finetune
 from scripts.build_demo_classifier import DEMO_RECIPE, minilm_dir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SENTENCES, DEV_SENTENCES = 2000, 600
 
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo-classifier")
-    data = root / "movie-sentiment"
-    data.mkdir()
-    for name, n in (("train.tsv", TRAIN_SENTENCES), ("dev.tsv", DEV_SENTENCES)):
-        with open(os.path.join(ROOT, "data", "movie-sentiment", name)) as f:
-            (data / name).write_text("".join(f.readline() for _ in range(n + 1)))  # the header, then n
-    finetune.main(["--model_name_or_path", minilm_dir(), "--output_dir", str(root / "model"), "--data_dir", str(data),
+    data = tiny.write_movie_sentiment(root / "movie-sentiment", TRAIN_SENTENCES, DEV_SENTENCES)
+    finetune.main(["--model_name_or_path", minilm_dir(), "--output_dir", str(root / "model"), "--data_dir", data,
                    *DEMO_RECIPE])
-    return str(root / "model"), str(data)
+    return str(root / "model"), data
 
 
 def test_stat_beats_magnitude_on_a_real_classifier(classifier, tmp_path):

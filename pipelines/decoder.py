@@ -199,7 +199,7 @@ def prune_and_report(args, knobs, device, model, adapter, windows, calib_batches
                             sketch=sketch_of(args, seqlen), score_fraction=args.score_fraction,
                             neuron_share=AUTHORS_NEURON_SHARE["decoder"] if args.mac_split == "authors" else None,
                             store=store, correction=args.correction if args.method == "stat" else "self",
-                            pricing=args.pricing, factor=args.factor,
+                            pricing=args.pricing, factor=args.factor, width_multiple=args.width_multiple,
                             more_tokens=lambda growth: f"--nsamples {math.ceil(args.nsamples * growth)} "
                                                        f"at --seqlen {seqlen}")
         allocation, factor = result.allocation, result.factor
@@ -210,7 +210,8 @@ def prune_and_report(args, knobs, device, model, adapter, windows, calib_batches
     mac_ratio, mac_ratio_authors = mac_ratios(prices, dense_shape, (attn_units, neurons))
     return {
         "model_name": args.model_name, "task": args.task, "method": args.method, "protocol": args.protocol,
-        **knobs, "allocation": allocation, "factor": factor, **sketch_record(sketch_of(args, seqlen)),
+        **knobs, "allocation": allocation, "factor": factor, "width_multiple": args.width_multiple,
+        **sketch_record(sketch_of(args, seqlen)),
         **run_settings(args, device), "mu": args.mu,
         "mac_ratio": mac_ratio, "mac_ratio_authors": mac_ratio_authors,
         "seed": args.seed, "nsamples": args.nsamples, "seqlen": seqlen, "eval_samples": args.eval_samples,

@@ -101,7 +101,7 @@ def prune(args):
                             sketch=sketch_of(args), score_fraction=args.score_fraction,
                             neuron_share=AUTHORS_NEURON_SHARE["encoder"] if args.mac_split == "authors" else None,
                             correction=args.correction if args.method == "stat" else "self",
-                            pricing=args.pricing, factor=args.factor,
+                            pricing=args.pricing, factor=args.factor, width_multiple=args.width_multiple,
                             more_tokens=lambda growth: "--sample_batch_size "
                                                        f"{math.ceil(args.sample_batch_size * growth)}")
 
@@ -112,6 +112,7 @@ def prune(args):
     record = {
         "model_name": args.model_name, "task_name": args.task_name, "method": args.method,
         "protocol": args.protocol, **knobs, "allocation": result.allocation, "factor": result.factor or None,
+        "width_multiple": args.width_multiple,
         **sketch_record(None if kwon else sketch_of(args)),
         "batch_size": args.batch_size, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "mu": args.mu, "mac_ratio": mac_ratio, "mac_ratio_authors": mac_ratio_authors,

@@ -55,6 +55,9 @@ def add_stat_arguments(p):
                    help="[protocol] how units are priced for the budget: exact (improved): each model's own "
                         "MACs per head and neuron; authors (paper): the authors' fixed head/neuron share "
                         "(neurons 0.6623 of a layer for encoders, 4/7 for decoders)")
+    p.add_argument("--width_multiple", type=positive_int, default=1,
+                   help="every layer keeps a multiple of this many FFN neurons (or all), within the same budget: "
+                        "32 for llama.cpp's Q8_0 and faster kernels, 256 for its K-quants (docs/gguf.md); default 1")
     p.add_argument("--factor", choices=FACTORS, default="auto",
                    help="who computes the pivoted Cholesky factorisations of the IDs: torch (where the Gram lies: "
                         "on a GPU it never leaves it), lapack (scipy's dpstrf, on the host), auto (torch on CUDA, "
@@ -143,10 +146,11 @@ def sketch_record(sketch):
 
 def describe_correction(record):
     """How a run's blocks were corrected, priced and measured, in words, from its record: e.g.
-    'correction self, pricing insample, factor lapack, sketch gaussian 25 rows'."""
+    'correction self, pricing insample, factor lapack, sketch gaussian 25 rows, widths in multiples of 32'."""
     factor = f", factor {record['factor']}" if record.get("factor") else ""
     sketch = f", sketch {record['sketch']} {record['sketch_rows']} rows" if record.get("sketch") else ""
-    return f"correction {record['correction']}, pricing {record['pricing']}{factor}{sketch}"
+    widths = f", widths in multiples of {record['width_multiple']}" if (record.get("width_multiple") or 1) > 1 else ""
+    return f"correction {record['correction']}, pricing {record['pricing']}{factor}{sketch}{widths}"
 
 
 def add_sampler_argument(p):
@@ -158,7 +162,7 @@ def add_sampler_argument(p):
 
 # what kwon ignores: it draws its own labelled sample (--num_samples) as Kwon et al. do
 STAT_ONLY_FLAGS = ("allocation", "calibration", "score_fraction", "sketch", "sketch_rows", "sampler", "factor",
-                   "sample_batch_size") + CORRECTION_FLAGS
+                   "width_multiple", "sample_batch_size") + CORRECTION_FLAGS
 
 
 def add_kwon_arguments(p):

@@ -287,4 +287,32 @@ def _concave_segments(cumulative):
     return [(hull[i + 1] - hull[i], cumulative[hull[i + 1]] - cumulative[hull[i]]) for i in range(len(hull) - 1)]
 
 
+def round_neurons(scores, attn_units, neurons, attn_cost, neuron_cost, mu, multiple, weighting="expfit"):
+    """Neuron counts that are multiples of `multiple` (or a layer's whole width), within the same
+    budget: every count is rounded down, then the MACs that frees are given back `multiple`
+    neurons at a time, to the layer where the block removes the most weighted error per MAC
+    (the knapsack's measure), while a block fits.
+
+    Inference engines run such widths faster: llama.cpp's matrix kernels and its quantized
+    formats work in blocks of 32 (Q8_0) and 256 (K-quants) along a row (docs/gguf.md).
+    """
+    _, w_neuron = depth_weights(scores, weighting)
+    counts = [n if n == s.n_neurons else n - n % multiple for n, s in zip(neurons, scores)]
+    left = mu * dense_macs(scores, attn_cost, neuron_cost) - sum(attn_units) * attn_cost - sum(counts) * neuron_cost
+    while True:
+        best = None
+        for l, (count, s) in enumerate(zip(counts, scores)):
+            step = min(multiple, s.n_neurons - count)
+            if step == 0 or step * neuron_cost > left + 1e-9:
+                continue
+            errors = w_neuron[l] * np.asarray(s.neuron_errors)
+            gain = (errors[count] ** 2 - errors[count + step] ** 2) / (step * neuron_cost)
+            if best is None or gain > best[0]:
+                best = (gain, l, step)
+        if best is None:
+            return counts
+        counts[best[1]] += best[2]
+        left -= best[2] * neuron_cost
+
+
 ALLOCATORS = {"greedy": greedy, "ffn_greedy": ffn_greedy, "faithful": faithful, "uniform": uniform}

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from prerequisites.layerwise import capture_inputs, each_layer
-from prune.allocation import ALLOCATORS, LayerScores
+from prune.allocation import ALLOCATORS, LayerScores, round_neurons
 from prune.interpolative import FACTORS, expand_groups, resolve_factor
 from prune.units import PRICE_FOLDS, TARGETS, MagnitudePruner, UnitPruner
 
@@ -313,7 +313,7 @@ def spread_subset(items, fraction):
 def stat_prune(model, adapter, batches, costs, mu, device, method="stat", allocation=None,
                calibration="sequential", weighting=None, sketch=None, score_fraction=0.25,
                neuron_share=None, progress=True, store=None, correction="self", pricing="insample",
-               more_tokens=None, factor="auto", price_folds=PRICE_FOLDS):
+               more_tokens=None, factor="auto", price_folds=PRICE_FOLDS, width_multiple=1):
     """Prune `model` in place to at most μ of its attention and FFN MACs. Returns a PruneResult.
 
     costs: (MACs of one attention unit, MACs of one neuron), numbers (efficiency/macs.py).
@@ -341,6 +341,7 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     fewer rows than a block has units.
     factor: FACTORS, who computes the pivoted Cholesky factorisations (auto: torch on a GPU,
     where the Grams then never leave it; LAPACK on the CPU); PruneResult.factor says which ran.
+    width_multiple: every layer keeps a multiple of this many neurons, or all (round_neurons).
     `magnitude` never corrects.
     """
     if method not in METHODS or method == "kwon":
@@ -381,6 +382,9 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
         options = {"variant": "opt" if adapter.is_decoder else "bert", "neuron_share": neuron_share}
     attn_units, neurons = ALLOCATORS[allocation](scores, attn_cost, neuron_cost, mu,
                                                  weighting or adapter.depth_weighting, **options)
+    if width_multiple > 1:
+        neurons = round_neurons(scores, attn_units, neurons, attn_cost, neuron_cost, mu, width_multiple,
+                                weighting or adapter.depth_weighting)
     if method == "magnitude":
         prune_from_pruners(model, adapter, attn_units, neurons, lambda l, layer: magnitude_pruners(adapter, layer),
                            store)

@@ -5,7 +5,8 @@ import pytest
 import scipy.linalg
 
 from efficiency.macs import AUTHORS_NEURON_SHARE, Costs, mac_ratios, model_macs, split_costs, unit_costs
-from prune.allocation import ALLOCATORS, LayerScores, _concave_segments, authors_depth_weights, depth_weights, faithful
+from prune.allocation import (ALLOCATORS, LayerScores, _concave_segments, authors_depth_weights, depth_weights, faithful,
+                              round_neurons)
 
 
 def test_unit_costs_by_hand():
@@ -53,6 +54,36 @@ def test_allocations_stay_within_budget_and_use_it(name, mu):
     # neuron in every layer would exceed it)
     slack = 4 * costs.neuron if name == "faithful" else costs.neuron
     assert used + slack > mu * dense or sum(neurons) == 160
+
+
+@pytest.mark.parametrize("name", list(ALLOCATORS))
+@pytest.mark.parametrize("mu", [0.3, 0.77, 1.0])
+@pytest.mark.parametrize("multiple", [8, 32, 64])
+def test_rounded_widths_are_multiples_within_the_budget(name, mu, multiple):
+    """Every count a multiple (or the layer's whole width of 40), the budget kept, and nothing
+    that fits left: one more block in any layer would exceed it."""
+    scores = random_scores()
+    costs = Costs(attn_unit=30.0, neuron=2.0)
+    dense = model_macs([6] * 4, [40] * 4, costs)
+    heads, neurons = ALLOCATORS[name](scores, *costs, mu, "sqrt")
+    rounded = round_neurons(scores, heads, neurons, *costs, mu, multiple, "sqrt")
+    assert all(n % multiple == 0 or n == 40 for n in rounded)
+    used = model_macs(heads, rounded, costs)
+    assert used <= mu * dense + 1e-9
+    for n in rounded:
+        step = min(multiple, 40 - n)
+        assert step == 0 or used + step * costs.neuron > mu * dense + 1e-9
+
+
+def test_rounding_gives_blocks_to_the_largest_error_removed_by_hand():
+    """Two layers of 4 neurons, blocks of 2, budget 6 of 8 neurons, no weighting. Plain counts
+    (3, 3) round down to (2, 2); the 2 freed neurons go where the block from 2 to 4 neurons
+    removes more squared error: layer 1 (2^2 - 0^2 = 4) rather than layer 0 (1^2 - 0^2 = 1)."""
+    pivots = np.ones(4)
+    layer0 = LayerScores(np.array([0.0]), pivots, np.array([3.0, 2.0, 1.0, 0.5, 0.0]))
+    layer1 = LayerScores(np.array([0.0]), pivots, np.array([3.0, 2.5, 2.0, 1.0, 0.0]))
+    assert round_neurons([layer0, layer1], [0, 0], [3, 3], 0.0, 1.0, 0.75, 2, "none") == [2, 4]
+    assert round_neurons([layer0, layer1], [0, 0], [3, 3], 0.0, 1.0, 0.75, 1, "none") == [3, 3]
 
 
 @pytest.mark.parametrize("name", list(ALLOCATORS))

@@ -67,6 +67,19 @@ def test_prune_opt_end_to_end(setup, tmp_path, name):
     assert out_ids.shape == (1, 13)
 
 
+def test_width_multiple_end_to_end(setup, tmp_path):
+    """tiny-llama's FFNs have 64 neurons: with --width_multiple 16 every layer keeps a multiple of
+    16, the budget holds, and the record and the result line say so."""
+    out = str(tmp_path / "out")
+    record = prune_opt.main(["--model_name", "tiny-llama", "--model_dir", setup["tiny-llama"], "--task", "text",
+                             "--data_dir", setup["data"], "--mu", "0.6", "--seed", "1", "--nsamples", "8",
+                             "--seqlen", "64", "--eval_samples", "2", "--output_dir", out, "--device", "cpu",
+                             "--width_multiple", "16"])
+    assert all(n % 16 == 0 for n in record["neurons_per_layer"]) and 0 < record["mac_ratio"] <= 0.6
+    assert record["width_multiple"] == 16
+    assert "widths in multiples of 16" in open(os.path.join(out, "opt", "tiny-llama.txt")).read()
+
+
 def test_opt_eval(setup, tmp_path):
     record = opt_eval.main(["--model_name", "tiny-opt", "--model_dir", setup["tiny-opt"], "--task", "text",
                             "--data_dir", setup["data"], "--seqlen", "64", "--output_dir", str(tmp_path)])

@@ -19,20 +19,28 @@ def _umask():
 
 
 @contextlib.contextmanager
-def atomic_file(path, mode="w", **open_args):
-    """A file object (open(..., mode, **open_args), mode "w" or "wb") on a temporary file beside
-    `path`: it replaces `path` when the block ends, and is removed if the block raises."""
+def atomic_path(path):
+    """A temporary file name beside `path`, for writers that open their file themselves: the file
+    written there replaces `path` when the block ends, and is removed if the block raises."""
     folder, name = os.path.split(os.path.abspath(path))
     fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{name}.tmp-")
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode, **open_args) as f:
-            yield f
+        yield temporary
         os.chmod(temporary, 0o666 & ~_umask())  # what open() would give: mkstemp makes it owner-only
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode="w", **open_args):
+    """A file object (open(..., mode, **open_args), mode "w" or "wb") on a temporary file beside
+    `path`: it replaces `path` when the block ends, and is removed if the block raises."""
+    with atomic_path(path) as temporary, open(temporary, mode, **open_args) as f:
+        yield f
 
 
 @contextlib.contextmanager

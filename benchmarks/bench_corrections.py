@@ -15,6 +15,8 @@ A variant is a '+'-joined list of settings on top of `today` (stat_prune's defau
   folds=N          held-out prices over N folds of the calibration batches (stat_prune's price_folds)
   sketch=KIND:ROWS --sketch KIND --sketch_rows ROWS (gaussian: rows per window; count: per batch)
   factor=NAME      --factor NAME (lapack, torch)
+  search=P         (smollm2) --allocation search from the variant's allocation, a budget of P dense passes
+                   of the calibration tokens, KL on the 8 windows drawn after the calibration windows
 (The variants of issue 14 that were removed in issue 20, bias, addbias, ridge=X, idridge=X,
 nerr, select=dense and res apart from dense, run at commit 7ed5679.)
 
@@ -57,6 +59,7 @@ from evaluate.perplexity import perplexity  # noqa: E402
 from prerequisites.adapters import adapter_for  # noqa: E402
 from prerequisites.checkpoint import load_model, load_tokenizer  # noqa: E402
 from prune.gram import Sketch  # noqa: E402
+from prune.search import SearchSettings  # noqa: E402
 from prune.stat import stat_prune  # noqa: E402
 
 OUT = os.path.join(ROOT, "output", "bench_corrections")
@@ -92,6 +95,8 @@ def parse_variant(name):
             options["factor"] = value
         elif key == "sf":
             options["score_fraction"] = float(value)
+        elif key == "search":
+            options["search"] = float(value)  # dense passes; made into SearchSettings per run below
         else:
             raise SystemExit(f"unknown variant part {part!r}")
     return options, nsamples
@@ -246,6 +251,13 @@ class SmolLM2:
             self.calibrations[key] = lm.window_batches(windows, self.batch_size)
         return self.calibrations[key]
 
+    def search_settings(self, seed, nsamples, passes, start):
+        """--allocation search as prune_opt.py sets it: the KL on the 8 windows drawn after the
+        calibration windows (one per batch), a budget of `passes` dense passes."""
+        nsamples = nsamples or self.nsamples
+        windows = lm.calibration_windows("austen", self.tokenizer, nsamples + 8, self.seqlen, seed)[nsamples:]
+        return SearchSettings(lm.window_batches(windows, 1), passes * nsamples * self.seqlen, seed, start)
+
     def evaluate(self, model):
         return {name: perplexity(model, self.adapter, w, "cpu", self.batch_size, progress=False)
                 for name, w in self.windows.items()}
@@ -258,6 +270,10 @@ def run(bench, variant, mu, seed):
     options, nsamples = parse_variant(variant)
     if "sketch" in options:  # its draws follow the calibration seed, as the scripts' --seed
         options["sketch"] = options["sketch"].reseeded(seed)
+    if "search" in options:
+        start = options.get("allocation") or bench.adapter.default_allocation
+        options.update(allocation="search",
+                       search=bench.search_settings(seed, nsamples, options["search"], start))
     model = copy.deepcopy(bench.dense)
     result = stat_prune(model, bench.adapter, bench.calibration(seed, nsamples), bench.costs, mu, "cpu",
                         progress=False, **options)
@@ -268,12 +284,19 @@ def run(bench, variant, mu, seed):
               "dense": bench.dense_metrics, "mac_ratio": ratio, "prune_seconds": result.seconds,
               "forward_seconds": bench.forward_seconds, "attn_units": result.attn_units,
               "neurons": result.neurons}
+    if result.search:
+        found = result.search
+        record["search"] = {"kl_start": found.start_fitness, "kl": found.fitness, "generations": found.generations,
+                            "improvements": found.improvements, "layer_tokens": found.layer_tokens,
+                            "seconds": found.seconds}
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, f"{bench.name}.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
     metrics = "  ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items())
+    searched = (f"; search KL {result.search.start_fitness:.4f} -> {result.search.fitness:.4f} "
+                f"({result.search.generations} generations, {result.search.seconds:.0f} s)" if result.search else "")
     print(f"  mu {mu:.2f} {variant} seed {seed}: {metrics}; prune {result.seconds:.1f} s "
-          f"({result.seconds / bench.forward_seconds:.2f} dense passes)", flush=True)
+          f"({result.seconds / bench.forward_seconds:.2f} dense passes){searched}", flush=True)
     return record
 
 

@@ -11,9 +11,9 @@ from typing import Callable, NamedTuple, Optional
 from evaluate.tasks import task_names
 from pipelines import protocol
 from pipelines.flags import (add_kwon_arguments, add_mu_argument, add_protocol_argument, add_quantize_arguments,
-                             add_sampler_argument, add_stat_arguments, check_lm_eval_arguments,
-                             check_method_arguments, check_quantize_arguments, check_stat_arguments, decoder_parser,
-                             parser)
+                             add_sampler_argument, add_search_arguments, add_stat_arguments, check_lm_eval_arguments,
+                             check_method_arguments, check_quantize_arguments, check_search_arguments,
+                             check_stat_arguments, decoder_parser, parser)
 from utils.cli import output_dir, parse_command, positive_int, seed_value
 
 
@@ -41,6 +41,7 @@ def prune_opt_parser(description=None):
     p = decoder_parser(description)
     add_mu_argument(p)
     add_stat_arguments(p)
+    add_search_arguments(p)
     p.add_argument("--save_model", type=output_dir, metavar="DIR", help="write the pruned model here")
     return p
 
@@ -49,6 +50,7 @@ def quantize_opt_parser(description=None):
     p = decoder_parser(description)
     add_mu_argument(p)  # μ = 1: no pruning
     add_stat_arguments(p)
+    add_search_arguments(p)
     add_quantize_arguments(p, wbits_required=True)
     return p
 
@@ -70,12 +72,15 @@ def decoder_result_stem(args):
 
 
 def check_prune_bert(p, args):
+    if args.allocation == "search":
+        p.error("--allocation search prunes decoders for now (prune_opt.py, quantize_opt.py)")
     check_method_arguments(p, args)
     check_stat_arguments(p, args, protocol.ENCODER)
 
 
 def check_prune_opt(p, args):
     check_method_arguments(p, args, encoder=False)
+    check_search_arguments(p, args)
     check_stat_arguments(p, args, protocol.DECODER)
     check_lm_eval_arguments(p, args)
 
@@ -83,6 +88,7 @@ def check_prune_opt(p, args):
 def check_quantize_opt(p, args):
     check_quantize_arguments(p, args, wbits_required=True)
     check_method_arguments(p, args, encoder=False)
+    check_search_arguments(p, args)
     check_stat_arguments(p, args, protocol.DECODER)
     check_lm_eval_arguments(p, args)
 

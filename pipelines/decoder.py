@@ -24,6 +24,7 @@ from prerequisites.checkpoint import checkpoint_identity, load_config, load_mode
 from prerequisites.hub import resolve_checkpoint
 from prerequisites.streaming import load_streamed
 from pipelines.flags import describe_correction, sketch_of, sketch_record
+from prune.search import SearchSettings, load_widths, save_widths
 from prune.stat import stat_prune
 from quantize.sequential import quantize_model
 from quantize.storage import QUANTIZED, is_quantized, save_quantized, weights_size_mb
@@ -184,26 +185,71 @@ def run_settings(args, device):
 # Pruning and quantizing, each adding to the run's record
 
 
-def prune_and_report(args, knobs, device, model, adapter, windows, calib_batches, seqlen, store=None):
+def search_settings(args, tokenizer, seqlen):
+    """--allocation search: its fitness windows (the --search_windows windows of the calibration
+    corpus drawn after the calibration windows, with the same seed), budget and start; else None."""
+    if args.allocation != "search":
+        return None
+    windows = lm.calibration_windows(args.calib_task, tokenizer, args.nsamples + args.search_windows, seqlen,
+                                     args.seed, args.data_dir)[args.nsamples:]
+    budget = args.search_tokens or SEARCH_PASSES * args.nsamples * seqlen
+    # a window per batch: the search's first stage scores a quarter of them
+    return SearchSettings(lm.window_batches(windows, 1), budget, args.seed,
+                          protocol.default(protocol.DECODER, "allocation", args.protocol))
+
+
+SEARCH_PASSES = 10  # the default budget of --allocation search, in dense passes of the calibration tokens
+
+
+def search_record(found, settings, calibration_tokens):
+    """The record of a search: its budget and spending (also in dense passes of the calibration
+    tokens), the KL of its start and of its result, what it ran."""
+    if found is None:
+        return {}
+    return {"search": {
+        "start": settings.start, "seed": settings.seed, "windows": len(settings.batches),
+        "budget_tokens": settings.budget_tokens, "layer_tokens": found.layer_tokens,
+        "dense_passes": found.layer_tokens / calibration_tokens, "kl_start": found.start_fitness,
+        "kl": found.fitness, "generations": found.generations, "improvements": found.improvements,
+        "seconds": found.seconds, "history": found.history}}
+
+
+def search_lines(record):
+    if "search" not in record:
+        return []
+    s = record["search"]
+    return [f"search: KL to dense {s['kl_start']:.4f} ({s['start']}) -> {s['kl']:.4f} on {s['windows']} held-out "
+            f"windows, {s['generations']} generations ({s['improvements']} improved), {s['dense_passes']:.1f} dense "
+            f"passes of the calibration tokens, {s['seconds']:.0f} s"]
+
+
+def prune_and_report(args, knobs, device, model, adapter, tokenizer, windows, calib_batches, seqlen, store=None):
     """Dense and pruned perplexities, and the record so far (μ = 1: no pruning)."""
     set_seed(args.seed)
     params_dense = count_parameters(model)
-    ppl_dense, dense_cached = dense_perplexities(args, model, adapter, windows, device, store)
     dense_shape = adapter.shape(model)
     prices = unit_prices(adapter, dense_shape, seqlen, "decoder")
-    allocation = factor = None
+    widths = load_widths(args.widths, dense_shape, prices[args.mac_split], args.mu) if args.widths else None
+    ppl_dense, dense_cached = dense_perplexities(args, model, adapter, windows, device, store)
+    allocation = factor = found = search = None
     start = time.perf_counter()
     if args.mu < 1.0:
+        search = search_settings(args, tokenizer, seqlen)
         result = stat_prune(model, adapter, calib_batches, prices[args.mac_split], args.mu, device,
-                            method=args.method, allocation=args.allocation, calibration=args.calibration,
+                            method=args.method, allocation=None if widths else args.allocation,
+                            calibration=args.calibration, widths=widths, search=search,
                             sketch=sketch_of(args, seqlen), score_fraction=args.score_fraction,
                             neuron_share=AUTHORS_NEURON_SHARE["decoder"] if args.mac_split == "authors" else None,
                             store=store, correction=args.correction if args.method == "stat" else "self",
                             pricing=args.pricing, factor=args.factor, width_multiple=args.width_multiple,
                             more_tokens=lambda growth: f"--nsamples {math.ceil(args.nsamples * growth)} "
                                                        f"at --seqlen {seqlen}")
-        allocation, factor = result.allocation, result.factor
+        allocation, factor, found = result.allocation, result.factor, result.search
     prune_seconds = time.perf_counter() - start
+    if args.save_widths:
+        attn_units, neurons = adapter.shape(model)
+        save_widths(args.save_widths, attn_units, neurons, model_name=args.model_name, mu=args.mu,
+                    allocation=allocation, seed=args.seed)
     ppl_pruned = (perplexities(model, adapter, windows, device, args.batch_size, "pruned", store) if args.mu < 1
                   else ppl_dense)
     attn_units, neurons = adapter.shape(model)
@@ -218,7 +264,7 @@ def prune_and_report(args, knobs, device, model, adapter, windows, calib_batches
         "ppl_dense": ppl_dense, "ppl_pruned": ppl_pruned, "dense_cached": dense_cached,
         "heads_per_layer": attn_units, "neurons_per_layer": neurons,
         "params_dense": params_dense, "params_pruned": count_parameters(model), "prune_seconds": prune_seconds,
-        "low_memory": args.low_memory,
+        "low_memory": args.low_memory, **search_record(found, search, args.nsamples * seqlen),
     }
 
 
@@ -337,6 +383,7 @@ def pruning_lines(record):
         f"neurons per layer: {record['neurons_per_layer']}",
         f"parameters: dense {record['params_dense'] / 1e6:.2f}M  pruned {record['params_pruned'] / 1e6:.2f}M",
         f"prune time: {record['prune_seconds']:.1f} s, peak memory {record['peak_memory_mb']:.0f} MB",
+        *search_lines(record),
     ]
 
 
@@ -366,7 +413,8 @@ def prune(args):
         device, model, adapter, tokenizer, windows, calib_batches, seqlen, store = load(args, stack)
         tell(notes)
         dense_dir = lm_eval_dense_dir(args, model, tokenizer, stack)
-        record = prune_and_report(args, knobs, device, model, adapter, windows, calib_batches, seqlen, store)
+        record = prune_and_report(args, knobs, device, model, adapter, tokenizer, windows, calib_batches, seqlen,
+                                  store)
         if args.save_model:
             save_model(model, args.save_model, tokenizer, store)
             record["saved_to"] = args.save_model
@@ -396,7 +444,8 @@ def quantize(args):
         device, model, adapter, tokenizer, windows, calib_batches, seqlen, store = load(args, stack)
         tell(notes)
         dense_dir = lm_eval_dense_dir(args, model, tokenizer, stack)
-        record = prune_and_report(args, knobs, device, model, adapter, windows, calib_batches, seqlen, store)
+        record = prune_and_report(args, knobs, device, model, adapter, tokenizer, windows, calib_batches, seqlen,
+                                  store)
         quantize_lines = quantize_and_report(args, device, model, adapter, tokenizer, windows, calib_batches, record,
                                              store)
         if args.lm_eval_tasks:

@@ -2,6 +2,7 @@
 how GPTQ quantizes. Each script builds its parser from these groups and its own flags."""
 import argparse
 import math
+import os
 
 from dataset import lm
 from dataset.glue import SAMPLERS
@@ -11,7 +12,8 @@ from prune.allocation import ALLOCATORS
 from prune.gram import SKETCHES, Sketch
 from prune.stat import CALIBRATIONS, CORRECTIONS, DENSE_TARGET_CALIBRATIONS, FACTORS, METHODS, PRICINGS
 from quantize.gptq import check_groupsize
-from utils.cli import ArgumentParser, existing_dir, fraction_value, mu_value, output_dir, positive_int, seed_value
+from utils.cli import (ArgumentParser, existing_dir, fraction_value, mu_value, output_dir, output_file, positive_int,
+                       seed_value)
 
 WBITS = (2, 3, 4, 8)
 QUANTIZE_FLAGS = ("groupsize", "sym", "act_order", "nearest", "percdamp", "save_model", "gptq_reference",
@@ -38,10 +40,11 @@ def add_stat_arguments(p):
                    help="stat: interpolative decompositions with corrections; magnitude: same allocation, "
                         "units ranked by weight norms, no correction; kwon: Kwon et al. 2022 (Fisher importance "
                         "of a task loss, mask search, rearrangement and tuning; prune_bert.py only)")
-    p.add_argument("--allocation", choices=list(ALLOCATORS),
+    p.add_argument("--allocation", choices=[*ALLOCATORS, "search"],
                    help="[protocol] how the MAC budget is shared across layers: greedy (error removed per MAC; "
                         "improved, encoders), ffn_greedy (all heads kept; improved, decoders), faithful (the "
-                        "authors' rule, literally; paper), uniform")
+                        "authors' rule, literally; paper), uniform; search (decoders): the protocol's widths "
+                        "searched against the whole model's KL to the dense model (--search_tokens, docs/search.md)")
     p.add_argument("--calibration", choices=CALIBRATIONS,
                    help="[protocol] where the IDs are measured: sequential (improved): each layer's on the pruned "
                         "layers below; dense_ffn: FFN IDs from the dense model; one_shot (paper, decoders): all "
@@ -78,6 +81,41 @@ def add_stat_arguments(p):
 CORRECTION_FLAGS = ("correction", "pricing")
 # the ones that shape the allocation only, which magnitude shares with stat
 ALLOCATION_FLAGS = ("pricing",)
+
+
+def add_search_arguments(p):
+    """--allocation search's budget and fitness windows, and widths saved or given by hand
+    (prune_opt.py, quantize_opt.py)."""
+    p.add_argument("--search_tokens", type=positive_int, metavar="TOKENS",
+                   help="--allocation search: forward work to spend, in tokens through the whole model (a "
+                        "candidate run from layer i of L counts (L - i)/L per token); default 10 dense passes of "
+                        "the calibration tokens (10 x nsamples x seqlen)")
+    p.add_argument("--search_windows", type=positive_int, default=8, metavar="N",
+                   help="--allocation search: windows of the calibration corpus, drawn after the calibration "
+                        "windows and held out of the IDs' fit, on which a candidate's KL is measured (default 8)")
+    p.add_argument("--widths", metavar="FILE",
+                   help="prune to these widths (a JSON object with heads_per_layer and neurons_per_layer: a "
+                        "--save_widths file, or a run's record) instead of allocating; they must fit mu")
+    p.add_argument("--save_widths", type=output_file, metavar="FILE",
+                   help="write the widths the run pruned to (e.g. those --allocation search found), for --widths")
+
+
+def check_search_arguments(p, args):
+    """One-line errors (exit 2) for the search and widths flags that cannot work as given."""
+    search = args.allocation == "search"
+    given = [f"--{flag}" for flag in ("search_tokens", "search_windows")
+             if getattr(args, flag) != p.get_default(flag)]
+    if given and not search:
+        p.error(f"{', '.join(given)} apply to --allocation search")
+    if search and args.method != "stat":
+        p.error("--allocation search builds its candidates from STAT's IDs: --method stat only")
+    if search and args.low_memory:
+        p.error("--allocation search keeps the dense model's layers in memory: not with --low_memory")
+    if args.widths is not None:
+        if args.allocation is not None or args.width_multiple != 1:
+            p.error("--widths replaces the allocation: not with --allocation or --width_multiple")
+        if not os.path.isfile(args.widths):
+            p.error(f"--widths: no such file: {args.widths}")
 
 
 def add_correction_arguments(p):

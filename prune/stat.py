@@ -29,6 +29,7 @@ import torch
 from prerequisites.layerwise import capture_inputs, each_layer
 from prune.allocation import ALLOCATORS, LayerScores, round_neurons
 from prune.interpolative import FACTORS, expand_groups, resolve_factor
+from prune.search import Fitness, LevelDatabase, search as search_widths, widths_problem
 from prune.units import PRICE_FOLDS, TARGETS, MagnitudePruner, UnitPruner
 
 # every pruning method, the one list the flags offer: stat and magnitude run through
@@ -68,6 +69,7 @@ class PruneResult:
     allocation: str = ""
     seconds: float = 0.0
     factor: str = ""  # who computed the pivoted Cholesky factorisations: torch or lapack
+    search: object = None  # the SearchResult of --allocation search
 
 
 def attn_pruner(adapter, layer, sketch=None, target="self", price_folds=0, factor="lapack"):
@@ -313,7 +315,8 @@ def spread_subset(items, fraction):
 def stat_prune(model, adapter, batches, costs, mu, device, method="stat", allocation=None,
                calibration="sequential", weighting=None, sketch=None, score_fraction=0.25,
                neuron_share=None, progress=True, store=None, correction="self", pricing="insample",
-               more_tokens=None, factor="auto", price_folds=PRICE_FOLDS, width_multiple=1):
+               more_tokens=None, factor="auto", price_folds=PRICE_FOLDS, width_multiple=1, widths=None,
+               search=None):
     """Prune `model` in place to at most μ of its attention and FFN MACs. Returns a PruneResult.
 
     costs: (MACs of one attention unit, MACs of one neuron), numbers (efficiency/macs.py).
@@ -342,6 +345,11 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     factor: FACTORS, who computes the pivoted Cholesky factorisations (auto: torch on a GPU,
     where the Grams then never leave it; LAPACK on the CPU); PruneResult.factor says which ran.
     width_multiple: every layer keeps a multiple of this many neurons, or all (round_neurons).
+    widths: (attention units, neurons) per layer given by hand (--widths): no allocation, and no
+    pass 1 where the calibration does not prune from its IDs; they must fit the budget.
+    search: with allocation 'search', a prune.search.SearchSettings: the widths of its start
+    allocator searched against the whole model (prune/search.py), from pass 1's IDs, before
+    pass 2 prunes at them.
     `magnitude` never corrects.
     """
     if method not in METHODS or method == "kwon":
@@ -349,8 +357,13 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     if calibration not in CALIBRATIONS:
         raise ValueError(f"unknown calibration {calibration!r}: choose from {', '.join(CALIBRATIONS)}")
     allocation = allocation or adapter.default_allocation
-    if allocation not in ALLOCATORS:
-        raise ValueError(f"unknown allocation {allocation!r}: choose from {', '.join(ALLOCATORS)}")
+    if allocation not in ALLOCATORS and allocation != "search":
+        raise ValueError(f"unknown allocation {allocation!r}: choose from {', '.join(ALLOCATORS)}, search")
+    if (allocation == "search") != (search is not None):
+        raise ValueError("allocation 'search' needs its SearchSettings, and only it")
+    problem = widths is not None and widths_problem(widths, adapter.shape(model), costs, mu)
+    if problem:
+        raise ValueError(f"widths: {problem}")
     if correction not in CORRECTIONS:
         raise ValueError(f"unknown correction {correction!r}: choose from {', '.join(CORRECTIONS)}")
     if correction == "dense" and calibration not in DENSE_TARGET_CALIBRATIONS:
@@ -364,27 +377,44 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     block_options = dict(sketch=sketch, factor=factor)
     keep = {"sequential": (), "dense_ffn": ("ffn",), "one_shot": ("attn", "ffn"),
             "ffn_then_attn": ("ffn",)}[calibration] if method == "stat" else ()
+    if search:
+        keep = ("attn", "ffn")  # the level database: every block at any width
     if pricing == "heldout" and len(batches) < 2:
         warnings.warn("held-out pricing needs at least 2 calibration batches: the prices are in-sample",
                       RuntimeWarning, stacklevel=2)
     every_batch = keep or pricing == "heldout"
-    inputs = capture_inputs(model, adapter, batches if every_batch else spread_subset(batches, score_fraction), device)
-    folds = price_folds if pricing == "heldout" else 0
-    if method == "stat":
-        warn_if_too_few_rows(model, adapter, fitted_rows(inputs, folds, sketch), more_tokens)
-    scores, pruners = measure_dense(model, adapter, inputs, device, keep=keep, progress=progress, store=store,
-                                    price_folds=folds, attn=not keeps_every_head(model, adapter, allocation, costs, mu),
-                                    **block_options)
-    del inputs
+    allocator = search.start if search else allocation
+    scores, pruners, found = [], None, None
+    if widths is None or keep:
+        inputs = capture_inputs(model, adapter, batches if every_batch else spread_subset(batches, score_fraction),
+                                device)
+        folds = price_folds if pricing == "heldout" else 0
+        if method == "stat":
+            warn_if_too_few_rows(model, adapter, fitted_rows(inputs, folds, sketch), more_tokens)
+        attn = widths is not None or not keeps_every_head(model, adapter, allocator, costs, mu)
+        scores, pruners = measure_dense(model, adapter, inputs, device, keep=keep, progress=progress, store=store,
+                                        price_folds=folds, attn=attn, **block_options)
+        del inputs
     attn_cost, neuron_cost = costs
-    options = {}
-    if allocation == "faithful":
-        options = {"variant": "opt" if adapter.is_decoder else "bert", "neuron_share": neuron_share}
-    attn_units, neurons = ALLOCATORS[allocation](scores, attn_cost, neuron_cost, mu,
-                                                 weighting or adapter.depth_weighting, **options)
-    if width_multiple > 1:
-        neurons = round_neurons(scores, attn_units, neurons, attn_cost, neuron_cost, mu, width_multiple,
-                                weighting or adapter.depth_weighting)
+    if widths is not None:
+        attn_units, neurons = (list(w) for w in widths)
+    else:
+        options = {}
+        if allocator == "faithful":
+            options = {"variant": "opt" if adapter.is_decoder else "bert", "neuron_share": neuron_share}
+        attn_units, neurons = ALLOCATORS[allocator](scores, attn_cost, neuron_cost, mu,
+                                                    weighting or adapter.depth_weighting, **options)
+        if width_multiple > 1:
+            neurons = round_neurons(scores, attn_units, neurons, attn_cost, neuron_cost, mu, width_multiple,
+                                    weighting or adapter.depth_weighting)
+    if search:
+        if store is not None:
+            raise ValueError("allocation 'search' keeps the model in memory: not with a LayerStore (--low_memory)")
+        fitness = Fitness(model, adapter, LevelDatabase(model, adapter, pruners), search.batches, device)
+        found = search_widths(fitness, attn_units, neurons, search.budget_tokens, search.seed, width_multiple,
+                              progress=progress)
+        attn_units, neurons = found.attn_units, found.neurons
+        del fitness
     if method == "magnitude":
         prune_from_pruners(model, adapter, attn_units, neurons, lambda l, layer: magnitude_pruners(adapter, layer),
                            store)
@@ -404,5 +434,7 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
         del pruners
         prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_ffn_pruners, progress=progress,
                          store=store, correction=correction, **block_options)
-    return PruneResult(attn_units=list(attn_units), neurons=list(neurons), scores=scores, allocation=allocation,
-                       seconds=time.perf_counter() - start, factor=factor)
+    return PruneResult(attn_units=list(attn_units), neurons=list(neurons), scores=scores,
+                       allocation="widths" if widths is not None else allocation,
+                       seconds=time.perf_counter() - start, factor=factor, search=found)
+

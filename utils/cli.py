@@ -148,6 +148,14 @@ def output_dir(text):
     return text
 
 
+def output_file(text):
+    """argparse type for a file the run writes at its end: not a folder, nor under a file."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"cannot write to {text}: it is a folder")
+    output_dir(os.path.dirname(os.path.abspath(text)))
+    return text
+
+
 def existing_dir(text):
     """argparse type for a folder that must already be there."""
     if not os.path.isdir(text):

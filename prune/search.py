@@ -1,0 +1,280 @@
+"""Per-layer widths searched against the whole model (`--allocation search`).
+
+The allocators of prune/allocation.py share the budget by a sum of per-layer prices; the model's
+error is not that sum. Here the widths are judged end to end, in the manner of EvoPress
+(Sieberling et al. 2024): the KL divergence of the pruned model's next-token distribution to
+the dense model's, on calibration windows held out of the IDs' fit.
+
+- `LevelDatabase`: pass 1's solved pruners (the IDs on the dense model's inputs) give each
+  block, with its correction, at *any* width (the first k units of the ID order), so a
+  candidate costs a forward pass, not a factorisation.
+- `Fitness`: the KL of a candidate, from the first layer where it differs from the parent (the
+  parent's hidden states at every layer are kept), on the first few windows or all of them.
+- `search`: a parent (the knapsack's widths), offspring that move width between layers of the
+  same kind (so their MACs stay those of the parent: the budget is met exactly as the allocator
+  met it), selection in two stages (all offspring on a quarter of the windows, the best few on
+  all of them), the parent kept unless a child beats it on all the windows; until a budget of
+  forward tokens is spent.
+The final model is built afterwards by pass 2 at the searched widths (prune/stat.py).
+"""
+import copy
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from prerequisites.layerwise import capture_inputs, move_to, restore
+from utils.atomic import atomic_file
+from utils.errors import UserError
+
+OFFSPRING = 16  # children per generation, all scored on a quarter of the fitness windows
+SURVIVORS = 2  # of them, scored on every fitness window against the parent
+LEVELS = 48  # a neuron move is a 48th of the layer's width (32 of SmolLM2's 1,536), or --width_multiple
+
+
+@dataclass
+class SearchSettings:
+    """What `--allocation search` needs besides pass 1: the batches of the fitness windows (held
+    out of the IDs' fit), its budget of forward work in layer-tokens, its seed, and the
+    allocator whose widths it starts from."""
+    batches: list
+    budget_tokens: float
+    seed: int = 0
+    start: str = "ffn_greedy"
+
+
+@dataclass
+class SearchResult:
+    attn_units: list
+    neurons: list
+    start_fitness: float  # KL to the dense model, per token, on every fitness window
+    fitness: float
+    generations: int = 0
+    improvements: int = 0  # generations whose best child replaced the parent
+    layer_tokens: float = 0.0  # forward work spent: tokens × the share of the layers they went through
+    seconds: float = 0.0
+    history: list = field(default_factory=list)  # the parent's fitness after each generation
+
+
+class LevelDatabase:
+    """Layer l at any widths: a copy of the dense layer pruned by pass 1's pruners (kept for the
+    most recent `capacity` widths asked for; the dense layer itself when nothing is removed)."""
+
+    def __init__(self, model, adapter, pruners, capacity=None):
+        self.adapter = adapter
+        self.layers = list(adapter.layers(model))
+        self.pruners = pruners
+        self.full = adapter.shape(model)
+        self.cache = OrderedDict()
+        self.capacity = capacity or 4 * len(self.layers)
+
+    def layer(self, l, attn_units, neurons):
+        if attn_units == self.full[0][l] and neurons == self.full[1][l]:
+            return self.layers[l]
+        key = (l, attn_units, neurons)
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        layer = copy.deepcopy(self.layers[l])
+        attn, ffn = self.pruners[l]
+        if attn_units < self.full[0][l]:
+            self.adapter.prune_attn_units(layer, *attn.prune(attn_units))
+        if neurons < self.full[1][l]:
+            self.adapter.prune_neurons(layer, *ffn.prune(neurons))
+        self.cache[key] = layer
+        if len(self.cache) > self.capacity:
+            self.cache.popitem(last=False)
+        return layer
+
+
+class Fitness:
+    """KL(dense ‖ candidate) per token, on windows held out of the IDs' fit.
+
+    Keeps the parent's hidden states at the input of every layer (and after the last), so a
+    candidate that first differs from the parent at layer i runs layers i.. only. Memory: (L + 1)
+    × the windows' hidden states for the parent, and as much for the candidate scored on all the
+    windows."""
+
+    def __init__(self, model, adapter, database, batches, device):
+        self.model, self.adapter, self.db, self.device = model, adapter, database, device
+        inputs = capture_inputs(model, adapter, batches, device)
+        if any(m is not None for m in inputs.masks):
+            raise ValueError("the fitness windows must be whole windows (no padding): every token is counted")
+        self.extras = inputs.extras
+        self.tokens = [int(x.shape[:-1].numel()) for x in inputs.hidden]
+        self.L = len(database.layers)
+        self.layer_tokens = 0.0
+        self.first_inputs = [inputs.hidden]  # the parent's states, as far as every candidate shares them
+        self.parent_states = self.first_inputs
+        self.dense_final = self._run(*database.full, 0, self.first_inputs, len(self.tokens), keep=False)[-1]
+        self.dense_tokens, self.layer_tokens = self.layer_tokens, 0.0  # the dense run is not the search's
+
+    def set_parent(self, states):
+        self.parent_states = states
+
+    def score(self, attn_units, neurons, start, windows, keep=False):
+        """(KL per token on the first `windows` batches, the states at every layer when `keep`)."""
+        states = self._run(attn_units, neurons, start, self.parent_states, windows, keep)
+        return self._kl(states[-1], windows), (states if keep else None)
+
+    @torch.no_grad()
+    def _run(self, attn_units, neurons, start, parent, windows, keep):
+        """Hidden states from layer `start` on (the parent's below it): every layer's input when
+        `keep` (states[l] for l = 0..L), else the last only."""
+        hidden = list(parent[start][:windows])
+        states = list(parent[:start]) + [hidden] if keep else None
+        for l in range(start, self.L):
+            layer = self.db.layer(l, attn_units[l], neurons[l])
+            moved = move_to([layer], self.device)
+            out = [layer(x, **extras) for x, extras in zip(hidden, self.extras)]
+            hidden = [o[0] if isinstance(o, tuple) else o for o in out]
+            restore(moved)
+            if keep:
+                states.append(hidden)
+        self.layer_tokens += sum(self.tokens[:windows]) * (self.L - start) / self.L
+        return states if keep else [hidden]
+
+    @torch.no_grad()
+    def _kl(self, final, windows):
+        moved = move_to(self.adapter.post_layer_modules(self.model), self.device)
+        total, count = 0.0, 0
+        for x, x_dense in zip(final[:windows], self.dense_final[:windows]):
+            for h, h_dense in zip(x, x_dense):  # a window at a time: its logits are the largest tensor
+                log_q = F.log_softmax(self.adapter.logits(self.model, h[None])[0].float(), dim=-1)
+                log_p = F.log_softmax(self.adapter.logits(self.model, h_dense[None])[0].float(), dim=-1)
+                total += float((log_p.exp() * (log_p - log_q)).sum())
+                count += h.shape[0]
+        restore(moved)
+        return total / count
+
+
+def mutate(attn_units, neurons, full, steps, rng, moves):
+    """A child: `moves` times, `steps[kind]` units (fewer where a layer has fewer to give or room
+    for) move from one layer to another of the same kind, so the MACs stay the parent's. Returns
+    (attn_units, neurons, the first layer changed), or None when no move is possible."""
+    widths = {"attn": list(attn_units), "ffn": list(neurons)}
+    first = None
+    for _ in range(moves):
+        kinds = [kind for kind in widths if _movable(widths[kind], full[kind])]
+        if not kinds:
+            break
+        kind = kinds[rng.integers(len(kinds))]
+        w, top = widths[kind], full[kind]
+        donor = rng.choice([l for l, n in enumerate(w) if n > 0 and any(
+            m < top[r] for r, m in enumerate(w) if r != l)])
+        receiver = rng.choice([r for r, m in enumerate(w) if m < top[r] and r != donor])
+        amount = min(steps[kind], w[donor], top[receiver] - w[receiver])
+        w[donor] -= amount
+        w[receiver] += amount
+        first = min(donor, receiver) if first is None else min(first, donor, receiver)
+    if first is None:
+        return None
+    return widths["attn"], widths["ffn"], int(first)
+
+
+def _movable(widths, full):
+    """Whether some unit can move from one layer to another."""
+    return any(n > 0 and any(m < full[r] for r, m in enumerate(widths) if r != l) for l, n in enumerate(widths))
+
+
+def neuron_step(full_neurons, width_multiple=1):
+    """How many neurons one move shifts: a LEVELS-th of the widest layer, in multiples of --width_multiple."""
+    step = max(1, -(-max(full_neurons) // LEVELS))
+    return max(width_multiple, step - step % width_multiple)
+
+
+def search(fitness, attn_units, neurons, budget_tokens, seed=0, width_multiple=1, offspring=OFFSPRING,
+           survivors=SURVIVORS, progress=True):
+    """The widths (attention units, neurons per layer) of least KL found from a start, at the
+    start's MACs, within `budget_tokens` layer-tokens of forward work. Returns a SearchResult."""
+    start_time = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    full = {"attn": fitness.db.full[0], "ffn": fitness.db.full[1]}
+    steps = {"attn": 1, "ffn": neuron_step(full["ffn"], width_multiple)}
+    windows = len(fitness.tokens)
+    first_stage = max(1, windows // 4)
+    parent = (list(attn_units), list(neurons))
+    fitness.set_parent(fitness.first_inputs)
+    parent_fitness, states = fitness.score(*parent, 0, windows, keep=True)
+    fitness.set_parent(states)
+    result = SearchResult(list(attn_units), list(neurons), parent_fitness, parent_fitness)
+    bar = tqdm(total=budget_tokens, desc="search", disable=not progress, unit="tok", unit_scale=True)
+    bar.set_postfix(kl=f"{parent_fitness:.4f}")
+    while fitness.layer_tokens < budget_tokens:
+        children = []
+        for _ in range(offspring):
+            child = mutate(*parent, full, steps, rng, moves=int(rng.integers(1, 4)))
+            if child is None:
+                break
+            children.append(child)
+        if not children:  # every layer full or empty: nothing to search
+            break
+        scored = sorted((fitness.score(a, n, first, first_stage)[0], i) for i, (a, n, first) in enumerate(children))
+        best = None
+        for _, i in scored[:survivors]:
+            a, n, first = children[i]
+            kl, child_states = fitness.score(a, n, first, windows, keep=True)
+            if kl < parent_fitness and (best is None or kl < best[0]):
+                best = (kl, (a, n), child_states)
+            del child_states
+        if best is not None:
+            parent_fitness, parent, states = best[0], best[1], best[2]
+            fitness.set_parent(states)
+            result.improvements += 1
+        result.generations += 1
+        result.history.append(parent_fitness)
+        bar.update(min(fitness.layer_tokens, budget_tokens) - bar.n)
+        bar.set_postfix(kl=f"{parent_fitness:.4f}")
+    bar.close()
+    result.attn_units, result.neurons = [int(a) for a in parent[0]], [int(n) for n in parent[1]]
+    result.fitness, result.layer_tokens = parent_fitness, fitness.layer_tokens
+    result.seconds = time.perf_counter() - start_time
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Widths saved and read back (--save_widths, --widths)
+
+
+def save_widths(path, attn_units, neurons, **about):
+    """A JSON object with the per-layer widths (the keys of a run's record) and what produced them."""
+    with atomic_file(path, "w", encoding="utf-8") as f:
+        json.dump({**about, "heads_per_layer": list(attn_units), "neurons_per_layer": list(neurons)}, f, indent=1)
+
+
+def load_widths(path, shape, costs, mu):
+    """(attention units, neurons per layer) from a JSON object with heads_per_layer and
+    neurons_per_layer (a --save_widths file, or a run's record), checked against the dense
+    model's shape (its attention units and neurons per layer) and the budget μ under `costs`
+    (the MACs of one attention unit and of one neuron); a UserError says what is wrong."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--widths {path}: cannot read it as JSON ({e})") from None
+    if not isinstance(data, dict) or not {"heads_per_layer", "neurons_per_layer"} <= data.keys():
+        raise UserError(f"--widths {path}: needs a JSON object with heads_per_layer and neurons_per_layer")
+    widths = (data["heads_per_layer"], data["neurons_per_layer"])
+    problem = widths_problem(widths, shape, costs, mu)
+    if problem:
+        raise UserError(f"--widths {path}: {problem}")
+    return tuple(list(w) for w in widths)
+
+
+def widths_problem(widths, shape, costs, mu):
+    """What keeps (attention units, neurons) per layer from being a pruning of a model of `shape`
+    within μ of its MACs, in words; None when nothing does."""
+    for given, full, key in zip(widths, shape, ("heads_per_layer", "neurons_per_layer")):
+        if not isinstance(given, (list, tuple)) or len(given) != len(full) or not all(
+                isinstance(g, int) and not isinstance(g, bool) and 0 <= g <= f for g, f in zip(given, full)):
+            return f"{key} must be {len(full)} integers, each between 0 and the dense model's {list(full)}"
+    macs = sum(a * costs[0] + n * costs[1] for a, n in zip(*widths))
+    dense = sum(a * costs[0] + n * costs[1] for a, n in zip(*shape))
+    if macs > mu * dense * (1 + 1e-9):
+        return f"they keep {macs / dense:.4f} of the MACs, more than mu {mu}"
+    return None

@@ -1,0 +1,223 @@
+"""--allocation search (prune/search.py): the level database, the fitness, the moves, the search,
+and --widths / --save_widths through prune_opt.py."""
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+
+import prune_bert
+import prune_opt
+import tiny
+from prerequisites.adapters import adapter_for
+from prerequisites.layerwise import capture_inputs
+from prune.search import Fitness, LevelDatabase, load_widths, mutate, save_widths, search, widths_problem
+from prune.stat import measure_dense, stat_prune
+from tiny import one_thread  # noqa: F401 (a fixture)
+from utils.cli import run_main
+from utils.errors import UserError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def windows(n, length=24, seed=0):
+    """Unpadded batches of one window each (the shape of a decoder's calibration windows)."""
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(5, 2000, (1, length), generator=g)} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def setting():
+    """A tiny Llama (3 layers, 2 KV groups, 64 neurons), pass 1's solved pruners on 12 windows
+    (288 rows), and 4 other windows to measure the KL on."""
+    model = tiny.llama()
+    adapter = adapter_for(model)
+    calibration = windows(12)
+    _, pruners = measure_dense(model, adapter, capture_inputs(model, adapter, calibration, "cpu"), "cpu",
+                               keep=("attn", "ffn"), progress=False)
+    return model, adapter, calibration, pruners, windows(4, seed=1)
+
+
+def fitness_of(setting):
+    model, adapter, _, pruners, held_out = setting
+    return Fitness(model, adapter, LevelDatabase(model, adapter, pruners), held_out, "cpu")
+
+
+def test_level_database_block_equals_the_id_taken_directly(setting):
+    """Layer 1 at 20 of 64 neurons: the neurons of an independent pivoted QR of A·diag(‖W_j‖)
+    (scipy, on the dense model's activations) and the least-squares correction of the rest."""
+    model, adapter, calibration, pruners, _ = setting
+    captured = []
+    layer = adapter.layers(model)[1]
+    handle = layer.mlp.down_proj.register_forward_pre_hook(lambda m, args: captured.append(args[0].reshape(-1, 64)))
+    with torch.no_grad():
+        for batch in calibration:
+            model(**batch)
+    handle.remove()
+    A = torch.cat(captured).double().numpy()
+    W = layer.mlp.down_proj.weight.detach().double().numpy()
+    _, _, pivots = scipy.linalg.qr(A * np.linalg.norm(W, axis=0), pivoting=True)
+    kept, dropped = pivots[:20], pivots[20:]
+    T = np.linalg.lstsq(A[:, kept], A[:, dropped], rcond=None)[0]
+    W_expected = W[:, kept] + W[:, dropped] @ T.T
+
+    pruned = LevelDatabase(model, adapter, pruners).layer(1, 2, 20)
+    assert adapter.n_neurons(pruned) == 20 and adapter.n_attn_units(pruned) == 2
+    sort = np.argsort(kept)
+    expected_rows = torch.tensor(np.sort(kept))
+    assert torch.equal(pruned.mlp.up_proj.weight, layer.mlp.up_proj.weight[expected_rows])
+    got = pruned.mlp.down_proj.weight.detach().double().numpy()
+    assert np.allclose(got, W_expected[:, sort], rtol=1e-4, atol=1e-5 * np.abs(W_expected).max())
+    assert adapter.n_neurons(layer) == 64  # the dense layer is left alone
+
+
+def test_level_database_block_equals_the_block_pruned_directly(setting):
+    """Every block at its width (heads too) is the block that one-shot pruning at those widths makes."""
+    model, adapter, calibration, pruners, _ = setting
+    db = LevelDatabase(model, adapter, pruners)
+    attn_units, neurons = [2, 1, 2], [40, 64, 9]
+    direct = copy.deepcopy(model)
+    stat_prune(direct, adapter_for(direct), calibration, (100.0, 1.0), 1.0, "cpu", calibration="one_shot",
+               widths=(attn_units, neurons), progress=False)
+    for l, (a, n) in enumerate(zip(attn_units, neurons)):
+        mine, theirs = db.layer(l, a, n).state_dict(), adapter.layers(direct)[l].state_dict()
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            assert torch.allclose(mine[key], theirs[key], rtol=1e-5, atol=1e-6), key
+
+
+def test_mutation_moves_units_at_equal_macs():
+    rng = np.random.default_rng(0)
+    full = {"attn": [4, 4, 4, 4], "ffn": [64, 64, 64, 64]}
+    attn_units, neurons = [4, 2, 0, 4], [10, 64, 3, 30]
+    for _ in range(300):
+        a, n, first = mutate(attn_units, neurons, full, {"attn": 1, "ffn": 8}, rng, moves=int(rng.integers(1, 4)))
+        assert sum(a) == sum(attn_units) and sum(n) == sum(neurons)
+        assert all(0 <= x <= f for x, f in zip(a + n, full["attn"] + full["ffn"]))
+        changed = [l for l in range(4) if (a[l], n[l]) != (attn_units[l], neurons[l])]
+        assert not changed or changed[0] >= first  # below the first layer named, nothing moved
+        attn_units, neurons = a, n
+    # a single layer, or every layer full: nothing can move
+    assert mutate([2], [8], {"attn": [4], "ffn": [8]}, {"attn": 1, "ffn": 8}, rng, 1) is None
+    assert mutate([4, 4], [8, 8], {"attn": [4, 4], "ffn": [8, 8]}, {"attn": 1, "ffn": 8}, rng, 1) is None
+
+
+def test_fitness_against_an_independent_kl(setting):
+    """The KL per token of a candidate, against the whole pruned model run by transformers (its
+    layers swapped for the database's) and the KL written out in float64; from a later layer
+    too, once a parent that shares the layers below is set."""
+    model, adapter, _, pruners, held_out = setting
+    fitness = fitness_of(setting)
+    attn_units, neurons = [2, 1, 2], [64, 20, 33]
+    pruned = copy.deepcopy(model)
+    for l, (a, n) in enumerate(zip(attn_units, neurons)):
+        pruned.model.layers[l] = copy.deepcopy(fitness.db.layer(l, a, n))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in held_out:
+            log_p = F.log_softmax(model(**batch).logits.double(), dim=-1)
+            log_q = F.log_softmax(pruned(**batch).logits.double(), dim=-1)
+            total += float((log_p.exp() * (log_p - log_q)).sum())
+            count += batch["input_ids"].numel()
+    expected = total / count
+    got, states = fitness.score(attn_units, neurons, 0, len(held_out), keep=True)
+    assert got == pytest.approx(expected, rel=1e-4) and got > 0
+    fitness.set_parent(states)
+    assert fitness.score(attn_units, [64, 20, 40], 2, len(held_out))[0] != pytest.approx(expected, rel=1e-4)
+    assert fitness.score(attn_units, neurons, 2, len(held_out))[0] == pytest.approx(got, rel=1e-9)
+    assert fitness.score([2, 2, 2], [64, 64, 64], 0, 2)[0] == pytest.approx(0.0, abs=1e-9)  # the dense model
+
+
+def test_search_never_worse_than_its_start_and_reproducible(setting):
+    start = ([2, 2, 2], [20, 50, 30])
+    results = [search(fitness_of(setting), *start, budget_tokens=2000, seed=3, progress=False) for _ in range(2)]
+    found = results[0]
+    assert (found.attn_units, found.neurons, found.fitness) == (results[1].attn_units, results[1].neurons,
+                                                                 results[1].fitness)
+    assert found.generations > 0 and found.layer_tokens >= 2000
+    assert found.fitness <= found.start_fitness
+    assert sum(found.neurons) == sum(start[1]) and found.attn_units == start[0]
+    assert len(found.history) == found.generations and all(np.diff([found.start_fitness, *found.history]) <= 0)
+    # its fitness is the KL of its widths, measured afresh
+    fresh = fitness_of(setting)
+    assert fresh.score(found.attn_units, found.neurons, 0, 4)[0] == pytest.approx(found.fitness, rel=1e-6)
+    assert fresh.score(*start, 0, 4)[0] == pytest.approx(found.start_fitness, rel=1e-6)
+
+
+def test_widths_files(tmp_path):
+    path = str(tmp_path / "w.json")
+    save_widths(path, [4, 3], [64, 10], mu=0.5)
+    assert load_widths(path, ([4, 4], [64, 64]), (10, 1), 0.7) == ([4, 3], [64, 10])
+    assert json.load(open(path))["mu"] == 0.5
+    assert "more than mu 0.5" in widths_problem(([4, 3], [64, 10]), ([4, 4], [64, 64]), (10, 1), 0.5)
+    assert "neurons_per_layer must be 2 integers" in widths_problem(([4, 3], [65, 10]), ([4, 4], [64, 64]),
+                                                                     (10, 1), 1.0)
+    assert "heads_per_layer" in widths_problem(([4], [6, 1]), ([4, 4], [64, 64]), (10, 1), 1.0)
+    open(path, "w").write("{")
+    with pytest.raises(UserError, match="cannot read it as JSON"):
+        load_widths(path, ([4, 4], [64, 64]), (10, 1), 1.0)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny.write_austen(tmp_path_factory.mktemp("text"), 40000, 12000)
+
+
+def prune_argv(tiny_checkpoints, data, out, *more):
+    return ["--model_name", "tiny-llama", "--model_dir", tiny_checkpoints["tiny-llama"], "--task", "text",
+            "--data_dir", data, "--mu", "0.6", "--seed", "1", "--nsamples", "8", "--seqlen", "64",
+            "--eval_samples", "2", "--output_dir", out, "--device", "cpu", *more]
+
+
+def test_search_end_to_end_and_widths_round_trip(tiny_checkpoints, data, tmp_path):
+    """prune_opt.py --allocation search: the record of the search, the widths saved; pruning
+    again to those widths with --widths gives the same model (the same perplexity)."""
+    out, widths = str(tmp_path / "out"), str(tmp_path / "widths.json")
+    searched = prune_opt.main(prune_argv(tiny_checkpoints, data, out, "--allocation", "search",
+                                         "--search_tokens", "3000", "--search_windows", "4",
+                                         "--save_widths", widths))
+    s = searched["search"]
+    assert searched["allocation"] == "search" and s["start"] == "ffn_greedy" and s["windows"] == 4
+    assert s["kl"] <= s["kl_start"] and s["layer_tokens"] >= 3000
+    assert s["dense_passes"] == pytest.approx(s["layer_tokens"] / (8 * 64))
+    assert 0 < searched["mac_ratio"] <= 0.6
+    assert "search: KL to dense" in open(os.path.join(out, "opt", "tiny-llama.txt")).read()
+    saved = json.load(open(widths))
+    assert (saved["heads_per_layer"], saved["neurons_per_layer"]) == (searched["heads_per_layer"],
+                                                                      searched["neurons_per_layer"])
+    again = prune_opt.main(prune_argv(tiny_checkpoints, data, out, "--widths", widths))
+    assert again["allocation"] == "widths" and "search" not in again
+    assert (again["heads_per_layer"], again["neurons_per_layer"]) == (saved["heads_per_layer"],
+                                                                      saved["neurons_per_layer"])
+    assert again["ppl_pruned"]["text"] == pytest.approx(searched["ppl_pruned"]["text"], rel=1e-6)
+
+
+@pytest.mark.parametrize("more,expected", [
+    (["--search_tokens", "100"], "apply to --allocation search"),
+    (["--allocation", "search", "--method", "magnitude"], "--method stat only"),
+    (["--allocation", "search", "--low_memory"], "not with --low_memory"),
+    (["--widths", "/no/such/file"], "no such file"),
+    (["--widths", "WIDTHS", "--allocation", "greedy"], "not with --allocation"),
+    (["--widths", "WIDTHS"], "more than mu 0.6"),
+    (["--widths", "SHORT"], "must be 3 integers"),
+])
+def test_bad_search_input(tiny_checkpoints, data, tmp_path, capsys, more, expected):
+    save_widths(str(tmp_path / "WIDTHS"), [2, 2, 2], [64, 64, 64])
+    save_widths(str(tmp_path / "SHORT"), [2, 2], [6, 6])
+    more = [str(tmp_path / m) if m in ("WIDTHS", "SHORT") else m for m in more]
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        run_main(lambda: prune_opt.main(prune_argv(tiny_checkpoints, data, str(out), *more)))
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert info.value.code == 2 and len(errors) == 1 and expected in errors[0], errors
+    assert not (out / "opt").exists()
+
+
+def test_prune_bert_says_search_is_for_decoders(capsys):
+    with pytest.raises(SystemExit) as info:
+        prune_bert.main(["--model_name", "m", "--task_name", "sst2", "--mu", "0.5", "--allocation", "search"])
+    assert info.value.code == 2 and "decoders" in capsys.readouterr().err

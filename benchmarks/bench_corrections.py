@@ -251,6 +251,9 @@ class SmolLM2:
             self.calibrations[key] = lm.window_batches(windows, self.batch_size)
         return self.calibrations[key]
 
+    def calibration_tokens(self, nsamples):
+        return (nsamples or self.nsamples) * self.seqlen
+
     def search_settings(self, seed, nsamples, passes, start):
         """--allocation search as prune_opt.py sets it: the KL on the 8 windows drawn after the
         calibration windows (one per batch), a budget of `passes` dense passes."""
@@ -285,10 +288,7 @@ def run(bench, variant, mu, seed):
               "forward_seconds": bench.forward_seconds, "attn_units": result.attn_units,
               "neurons": result.neurons}
     if result.search:
-        found = result.search
-        record["search"] = {"kl_start": found.start_fitness, "kl": found.fitness, "generations": found.generations,
-                            "improvements": found.improvements, "layer_tokens": found.layer_tokens,
-                            "seconds": found.seconds}
+        record["search"] = result.search.record(options["search"], bench.calibration_tokens(nsamples))
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, f"{bench.name}.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")

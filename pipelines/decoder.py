@@ -202,16 +202,7 @@ SEARCH_PASSES = 10  # the default budget of --allocation search, in dense passes
 
 
 def search_record(found, settings, calibration_tokens):
-    """The record of a search: its budget and spending (also in dense passes of the calibration
-    tokens), the KL of its start and of its result, what it ran."""
-    if found is None:
-        return {}
-    return {"search": {
-        "start": settings.start, "seed": settings.seed, "windows": len(settings.batches),
-        "budget_tokens": settings.budget_tokens, "layer_tokens": found.layer_tokens,
-        "dense_passes": found.layer_tokens / calibration_tokens, "kl_start": found.start_fitness,
-        "kl": found.fitness, "generations": found.generations, "improvements": found.improvements,
-        "seconds": found.seconds, "history": found.history}}
+    return {"search": found.record(settings, calibration_tokens)} if found is not None else {}
 
 
 def search_lines(record):

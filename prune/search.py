@@ -60,6 +60,15 @@ class SearchResult:
     seconds: float = 0.0
     history: list = field(default_factory=list)  # the parent's fitness after each generation
 
+    def record(self, settings, calibration_tokens):
+        """What a run's record keeps of the search: its settings, its spending (also in dense
+        passes of the calibration tokens), the KL of its start and of its result."""
+        return {"start": settings.start, "seed": settings.seed, "windows": len(settings.batches),
+                "budget_tokens": settings.budget_tokens, "layer_tokens": self.layer_tokens,
+                "dense_passes": self.layer_tokens / calibration_tokens, "kl_start": self.start_fitness,
+                "kl": self.fitness, "generations": self.generations, "improvements": self.improvements,
+                "seconds": self.seconds, "history": self.history}
+
 
 class LevelDatabase:
     """Layer l at any widths: a copy of the dense layer pruned by pass 1's pruners (kept for the
@@ -97,8 +106,8 @@ class Fitness:
 
     Keeps the parent's hidden states at the input of every layer (and after the last), so a
     candidate that first differs from the parent at layer i runs layers i.. only. Memory: (L + 1)
-    × the windows' hidden states for the parent, and as much for the candidate scored on all the
-    windows."""
+    × the windows' hidden states for the parent, as much for the candidate scored on all the
+    windows, and the dense model's next-token probabilities (tokens × vocabulary, float32)."""
 
     def __init__(self, model, adapter, database, batches, device):
         self.model, self.adapter, self.db, self.device = model, adapter, database, device
@@ -111,8 +120,9 @@ class Fitness:
         self.layer_tokens = 0.0
         self.first_inputs = [inputs.hidden]  # the parent's states, as far as every candidate shares them
         self.parent_states = self.first_inputs
-        self.dense_final = self._run(*database.full, 0, self.first_inputs, len(self.tokens), keep=False)[-1]
+        dense_final = self._run(*database.full, 0, self.first_inputs, len(self.tokens), keep=False)[-1]
         self.dense_tokens, self.layer_tokens = self.layer_tokens, 0.0  # the dense run is not the search's
+        self.dense_probs, self.dense_neg_entropy = self._dense_distribution(dense_final)
 
     def set_parent(self, states):
         self.parent_states = states
@@ -133,23 +143,45 @@ class Fitness:
             moved = move_to([layer], self.device)
             out = [layer(x, **extras) for x, extras in zip(hidden, self.extras)]
             hidden = [o[0] if isinstance(o, tuple) else o for o in out]
-            restore(moved)
+            if moved:  # restore also trims the heap: not worth it 30 times a candidate on the CPU
+                restore(moved)
             if keep:
                 states.append(hidden)
         self.layer_tokens += sum(self.tokens[:windows]) * (self.L - start) / self.L
         return states if keep else [hidden]
 
     @torch.no_grad()
+    def _dense_distribution(self, final):
+        """The dense model's next-token probabilities p of every window (float32, tokens × vocabulary:
+        100 MB a window of 512 tokens of SmolLM2), and Σ p log p of each: computed once, so that a
+        candidate's KL costs one product with the output layer, not two."""
+        moved = move_to(self.adapter.post_layer_modules(self.model), self.device)
+        probs, neg_entropy = [], []
+        for x in final:
+            window_probs, total = [], 0.0
+            for h in x:
+                log_p = F.log_softmax(self.adapter.logits(self.model, h[None])[0].float(), dim=-1)
+                window_probs.append(log_p.exp())
+                total += float((window_probs[-1] * log_p).sum(-1).double().sum())
+            probs.append(window_probs)
+            neg_entropy.append(total)
+        restore(moved)
+        return probs, neg_entropy
+
+    @torch.no_grad()
     def _kl(self, final, windows):
+        """Σ p (log p − log q) = Σ p log p − Σ_t (Σ_v p z − logsumexp z), with z the candidate's
+        logits (Σ_v p = 1 at each token)."""
         moved = move_to(self.adapter.post_layer_modules(self.model), self.device)
         total, count = 0.0, 0
-        for x, x_dense in zip(final[:windows], self.dense_final[:windows]):
-            for h, h_dense in zip(x, x_dense):  # a window at a time: its logits are the largest tensor
-                log_q = F.log_softmax(self.adapter.logits(self.model, h[None])[0].float(), dim=-1)
-                log_p = F.log_softmax(self.adapter.logits(self.model, h_dense[None])[0].float(), dim=-1)
-                total += float((log_p.exp() * (log_p - log_q)).sum())
+        for x, window_probs, neg_entropy in zip(final[:windows], self.dense_probs, self.dense_neg_entropy):
+            total += neg_entropy
+            for h, p in zip(x, window_probs):  # a sequence at a time: its logits are the largest tensor
+                z = self.adapter.logits(self.model, h[None])[0].float()
+                total -= float(((p * z).sum(-1) - torch.logsumexp(z, dim=-1)).double().sum())
                 count += h.shape[0]
-        restore(moved)
+        if moved:
+            restore(moved)
         return total / count
 
 

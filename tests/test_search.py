@@ -129,7 +129,8 @@ def test_fitness_against_an_independent_kl(setting):
     fitness.set_parent(states)
     assert fitness.score(attn_units, [64, 20, 40], 2, len(held_out))[0] != pytest.approx(expected, rel=1e-4)
     assert fitness.score(attn_units, neurons, 2, len(held_out))[0] == pytest.approx(got, rel=1e-9)
-    assert fitness.score([2, 2, 2], [64, 64, 64], 0, 2)[0] == pytest.approx(0.0, abs=1e-9)  # the dense model
+    # the dense model: Σ p log p − Σ p log q, each a few nats a token in float32, cancel to ~1e-7 of themselves
+    assert fitness.score([2, 2, 2], [64, 64, 64], 0, 2)[0] == pytest.approx(0.0, abs=1e-5)
 
 
 def test_search_never_worse_than_its_start_and_reproducible(setting):

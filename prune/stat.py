@@ -219,11 +219,9 @@ def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_
     to the pruners beside the pruned ones with the residual stream's gap. A block that keeps
     every unit is refitted too once the layers below have changed.
 
-    Memory: two activation-sized sets of tensors (three with the dense target), the layer's
-    inputs and its attention outputs (and the dense stream), each batch's dropped as soon as it
-    has been used for the last time; then, while the FFN is pruned, the attention outputs and
-    the FFN activations (FFN width / model width times a set: 2.7 for SmolLM2 and Llama-2),
-    kept so that the pruned FFN's output needs only its down-projection.
+    Memory: two activation-sized sets of tensors at most (three with the dense target), the
+    layer's inputs and its attention outputs (and the dense stream), each batch's dropped as
+    soon as it has been used for the last time.
     """
     dense = correction == "dense"
     dense_hidden = [x.clone() for x in inputs.hidden] if dense else None
@@ -261,9 +259,6 @@ def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_
         changes = neurons[l] < adapter.n_neurons(layer) or (drifted and dense and fed)
         pruner = None if not changes else neuron_pruner(adapter, layer, sketch, correction, factor=factor) if fed \
             else dense_ffn_pruners[l]
-        # the FFN activations fed to the Gram are kept: the pruned FFN's are their kept columns
-        # (the producers' rows are only selected), so its up-projections need not run again
-        hiddens = [None] * len(hs)
         for b, (h, mask) in enumerate(zip(hs, inputs.masks)):
             targets = {}
             if dense:
@@ -272,21 +267,17 @@ def prune_sequential(model, adapter, inputs, attn_units, neurons, device, dense_
                 dense_hidden[b] = adapter.after_ffn(layer, hidden_dense, h_dense)
                 targets = {"A_dense": hidden_dense, "residual": h_dense - h} if pruner and fed else {}
             if pruner and fed:
-                hiddens[b] = adapter.ffn_hidden(layer, h)
-                pruner.add_batch(hiddens[b], mask, **targets)
-        kept = None
+                pruner.add_batch(adapter.ffn_hidden(layer, h), mask, **targets)
         if pruner:
             if fed:
                 pruner.solve(keep=neurons[l])
-            kept, W = pruner.prune(neurons[l])
-            adapter.prune_neurons(layer, kept, W)
+            adapter.prune_neurons(layer, *pruner.prune(neurons[l]))
             drifted = True
         del pruner
 
         for b, h in enumerate(hs):
-            hidden = adapter.ffn_hidden(layer, h) if hiddens[b] is None else hiddens[b][..., kept.to(h.device)]
-            inputs.hidden[b] = adapter.after_ffn(layer, hidden, h)
-            hs[b] = hiddens[b] = None
+            inputs.hidden[b] = adapter.after_ffn(layer, adapter.ffn_hidden(layer, h), h)
+            hs[b] = None
         del contexts, hs  # one list under two names
 
 

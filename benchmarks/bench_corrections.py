@@ -15,8 +15,10 @@ A variant is a '+'-joined list of settings on top of `today` (stat_prune's defau
   folds=N          held-out prices over N folds of the calibration batches (stat_prune's price_folds)
   sketch=KIND:ROWS --sketch KIND --sketch_rows ROWS (gaussian: rows per window; count: per batch)
   factor=NAME      --factor NAME (lapack, torch)
-  search=P         (smollm2) --allocation search from the variant's allocation, a budget of P dense passes
-                   of the calibration tokens, KL on the 8 windows drawn after the calibration windows
+  search=P         --allocation search from the variant's allocation, a budget of P dense passes of the
+                   calibration tokens; the KL on the 8 windows drawn after the calibration windows
+                   (smollm2), on 128 training sentences the calibration sample does not draw (minilm)
+  sx=N             (minilm) with search: N training sentences rather than 128
 (The variants of issue 14 that were removed in issue 20, bias, addbias, ridge=X, idridge=X,
 nerr, select=dense and res apart from dense, run at commit 7ed5679.)
 
@@ -44,6 +46,7 @@ import os
 import statistics
 import sys
 import tempfile
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -58,6 +61,7 @@ from evaluate.inputs import accepted_inputs  # noqa: E402
 from evaluate.perplexity import perplexity  # noqa: E402
 from prerequisites.adapters import adapter_for  # noqa: E402
 from prerequisites.checkpoint import load_model, load_tokenizer  # noqa: E402
+from pipelines.flags import SEARCH_EXAMPLES  # noqa: E402
 from prune.gram import Sketch  # noqa: E402
 from prune.search import SearchSettings  # noqa: E402
 from prune.stat import stat_prune  # noqa: E402
@@ -97,6 +101,10 @@ def parse_variant(name):
             options["score_fraction"] = float(value)
         elif key == "search":
             options["search"] = float(value)  # dense passes; made into SearchSettings per run below
+        elif key == "sx":
+            options["search_examples"] = int(value)
+        elif part == "shidden":
+            options["search_hidden"] = True
         else:
             raise SystemExit(f"unknown variant part {part!r}")
     return options, nsamples
@@ -170,6 +178,15 @@ class MiniLM:
         if seed not in self.calibrations:
             self.calibrations[seed] = self.task.calibration_batches(self.dense, self.samples, seed)
         return self.calibrations[seed]
+
+    def calibration_tokens(self, seed, nsamples):
+        return sum(int(b["attention_mask"].sum()) for b in self.calibration(seed, None))
+
+    def search_settings(self, seed, nsamples, passes, start, examples):
+        """--allocation search as prune_bert.py sets it: the KL on `examples` training sentences
+        that the calibration sample does not draw, a budget of `passes` dense passes."""
+        batches = self.task.search_batches(self.dense, examples, seed, self.samples)
+        return SearchSettings(batches, passes * self.calibration_tokens(seed, None), seed, start)
 
     def evaluate(self, model):
         """dev accuracy; on the selection sentences accuracy and the mean KL divergence of the
@@ -251,10 +268,10 @@ class SmolLM2:
             self.calibrations[key] = lm.window_batches(windows, self.batch_size)
         return self.calibrations[key]
 
-    def calibration_tokens(self, nsamples):
+    def calibration_tokens(self, seed, nsamples):
         return (nsamples or self.nsamples) * self.seqlen
 
-    def search_settings(self, seed, nsamples, passes, start):
+    def search_settings(self, seed, nsamples, passes, start, examples=None):
         """--allocation search as prune_opt.py sets it: the KL on the 8 windows drawn after the
         calibration windows (one per batch), a budget of `passes` dense passes."""
         nsamples = nsamples or self.nsamples
@@ -273,10 +290,13 @@ def run(bench, variant, mu, seed):
     options, nsamples = parse_variant(variant)
     if "sketch" in options:  # its draws follow the calibration seed, as the scripts' --seed
         options["sketch"] = options["sketch"].reseeded(seed)
+    examples = options.pop("search_examples", SEARCH_EXAMPLES)
+    hidden = options.pop("search_hidden", False)
     if "search" in options:
         start = options.get("allocation") or bench.adapter.default_allocation
         options.update(allocation="search",
-                       search=bench.search_settings(seed, nsamples, options["search"], start))
+                       search=replace(bench.search_settings(seed, nsamples, options["search"], start, examples),
+                                      hidden=hidden))
     model = copy.deepcopy(bench.dense)
     result = stat_prune(model, bench.adapter, bench.calibration(seed, nsamples), bench.costs, mu, "cpu",
                         progress=False, **options)
@@ -288,7 +308,7 @@ def run(bench, variant, mu, seed):
               "forward_seconds": bench.forward_seconds, "attn_units": result.attn_units,
               "neurons": result.neurons}
     if result.search:
-        record["search"] = result.search.record(options["search"], bench.calibration_tokens(nsamples))
+        record["search"] = result.search.record(options["search"], bench.calibration_tokens(seed, nsamples))
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, f"{bench.name}.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -92,6 +92,19 @@ class GlueTask:
     def batch_calibration(self, model, sample):
         return [accepted_inputs(model, b) for b in glue.batches(sample, self.batch_size, self.tokenizer.pad_token_id)]
 
+    def search_batches(self, model, n, seed, calibration_n, sampler="distinct", batches=8):
+        """--allocation search's data: n training examples that the calibration sample
+        (calibration_n, seed, sampler) does not draw, seeded, in `batches` batches; not sorted by
+        length, since the search's first stage scores the first quarter of the batches."""
+        used = set(glue.calibration_indices(len(self.train), calibration_n, seed, sampler))
+        free = [i for i in range(len(self.train)) if i not in used]
+        if n > len(free):
+            raise UserError(f"--search_examples {n}: the training set has {len(free)} examples besides the "
+                            "calibration sample")
+        picks = np.random.default_rng([seed, 22]).choice(free, size=n, replace=False)
+        encoded = glue.encode([self.train[i] for i in picks], self.tokenizer, self.spec)
+        return [accepted_inputs(model, b) for b in glue.batches(encoded, -(-n // batches), self.tokenizer.pad_token_id)]
+
     def labelled_sample(self, n, seed):
         """Kwon et al.'s sample: n encoded training examples with their labels, drawn with
         replacement (dataset/sampling.py), in the order drawn."""
@@ -158,6 +171,9 @@ class SquadTask:
     def batch_calibration(self, model, sample):
         return [accepted_inputs(model, squad.collate(chunk, self.tokenizer.pad_token_id))
                 for chunk in squad.batches(sample, self.batch_size)]
+
+    def search_batches(self, model, n, seed, calibration_n, sampler="distinct", batches=8):
+        raise UserError("--allocation search judges a classifier's class distribution: not a SQuAD model yet")
 
     def labelled_sample(self, n, seed):
         """Kwon et al.'s sample: n of all the training features (with the answers' start and

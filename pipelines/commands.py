@@ -32,6 +32,7 @@ def prune_bert_parser(description=None):
     p.add_argument("--save_model", type=output_dir, metavar="DIR", help="write the pruned model here")
     p.add_argument("--batch_size", type=positive_int, default=64, help="batch size of calibration and evaluation")
     add_stat_arguments(p)
+    add_search_arguments(p, encoder=True)
     add_sampler_argument(p)
     add_kwon_arguments(p)
     return p
@@ -72,9 +73,8 @@ def decoder_result_stem(args):
 
 
 def check_prune_bert(p, args):
-    if args.allocation == "search":
-        p.error("--allocation search prunes decoders for now (prune_opt.py, quantize_opt.py)")
     check_method_arguments(p, args)
+    check_search_arguments(p, args)
     check_stat_arguments(p, args, protocol.ENCODER)
 
 

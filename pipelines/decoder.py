@@ -23,7 +23,7 @@ from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import checkpoint_identity, load_config, load_model, load_tokenizer, save_pruned
 from prerequisites.hub import resolve_checkpoint
 from prerequisites.streaming import load_streamed
-from pipelines.flags import describe_correction, sketch_of, sketch_record
+from pipelines.flags import SEARCH_PASSES, describe_correction, search_lines, search_record, sketch_of, sketch_record
 from prune.search import SearchSettings, load_widths, save_widths
 from prune.stat import stat_prune
 from quantize.sequential import quantize_model
@@ -198,22 +198,6 @@ def search_settings(args, tokenizer, seqlen):
                           protocol.default(protocol.DECODER, "allocation", args.protocol))
 
 
-SEARCH_PASSES = 10  # the default budget of --allocation search, in dense passes of the calibration tokens
-
-
-def search_record(found, settings, calibration_tokens):
-    return {"search": found.record(settings, calibration_tokens)} if found is not None else {}
-
-
-def search_lines(record):
-    if "search" not in record:
-        return []
-    s = record["search"]
-    return [f"search: KL to dense {s['kl_start']:.4f} ({s['start']}) -> {s['kl']:.4f} on {s['windows']} held-out "
-            f"windows, {s['generations']} generations ({s['improvements']} improved), {s['dense_passes']:.1f} dense "
-            f"passes of the calibration tokens, {s['seconds']:.0f} s"]
-
-
 def prune_and_report(args, knobs, device, model, adapter, tokenizer, windows, calib_batches, seqlen, store=None):
     """Dense and pruned perplexities, and the record so far (μ = 1: no pruning)."""
     set_seed(args.seed)
@@ -374,7 +358,7 @@ def pruning_lines(record):
         f"neurons per layer: {record['neurons_per_layer']}",
         f"parameters: dense {record['params_dense'] / 1e6:.2f}M  pruned {record['params_pruned'] / 1e6:.2f}M",
         f"prune time: {record['prune_seconds']:.1f} s, peak memory {record['peak_memory_mb']:.0f} MB",
-        *search_lines(record),
+        *search_lines(record, "windows"),
     ]
 
 

@@ -9,11 +9,13 @@ from efficiency.macs import AUTHORS_NEURON_SHARE, count_parameters, mac_ratios, 
 from evaluate.tasks import check_checkpoint, make_task, task_names
 from pipelines import protocol
 from pipelines.commands import encoder_result_stem
-from pipelines.flags import CORRECTION_FLAGS, describe_correction, sketch_of, sketch_record
+from pipelines.flags import (CORRECTION_FLAGS, SEARCH_PASSES, describe_correction, search_lines, search_record,
+                            sketch_of, sketch_record)
 from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import checkpoint_identity, load_config, load_model, load_tokenizer, save_pruned
 from prerequisites.hub import resolve_checkpoint
 from prune.kwon import kwon_prune
+from prune.search import SearchSettings, load_widths, save_widths
 from prune.stat import stat_prune
 from utils.cache import DenseCache
 from utils.cli import resolve_device, set_seed
@@ -40,6 +42,7 @@ def format_block(r, metric_names):
         f"latency (batch of {r['latency_batch']}): dense {r['latency_dense_ms']:.1f} ms  "
         f"pruned {r['latency_pruned_ms']:.1f} ms  ({r['latency_pruned_ms'] / r['latency_dense_ms']:.2f}x)",
         f"prune time: {r['prune_seconds']:.1f} s",
+        *search_lines(r, "examples"),
     ]
     return "\n".join(lines)
 
@@ -91,13 +94,23 @@ def prune(args):
     dense_shape = adapter.shape(model)
     prices = unit_prices(adapter, dense_shape, task.mac_seq_len, "encoder")
 
+    widths = load_widths(args.widths, dense_shape, prices[args.mac_split], args.mu) if args.widths else None
+    search = calibration_tokens = None
+    if not kwon:
+        calibration_tokens = sum(len(item["input_ids"]) for item in calibration_sample)
+    if args.allocation == "search":
+        search = SearchSettings(task.search_batches(model, args.search_examples, args.seed, n_calibration, args.sampler),
+                                args.search_tokens or SEARCH_PASSES * calibration_tokens, args.seed,
+                                protocol.default(protocol.ENCODER, "allocation", args.protocol))
+
     if kwon:
         result = kwon_prune(model, adapter, task.labelled_batches(model, calibration_sample), prices[args.mac_split],
                             args.mu, device, classification=task.classification)
     else:
         calib_batches = task.batch_calibration(model, calibration_sample)
         result = stat_prune(model, adapter, calib_batches, prices[args.mac_split], args.mu, device,
-                            method=args.method, allocation=args.allocation, calibration=args.calibration,
+                            method=args.method, allocation=None if widths else args.allocation,
+                            calibration=args.calibration, widths=widths, search=search,
                             sketch=sketch_of(args), score_fraction=args.score_fraction,
                             neuron_share=AUTHORS_NEURON_SHARE["encoder"] if args.mac_split == "authors" else None,
                             correction=args.correction if args.method == "stat" else "self",
@@ -105,6 +118,9 @@ def prune(args):
                             more_tokens=lambda growth: "--sample_batch_size "
                                                        f"{math.ceil(args.sample_batch_size * growth)}")
 
+    if args.save_widths:
+        save_widths(args.save_widths, *adapter.shape(model), model_name=args.model_name, task_name=args.task_name,
+                    mu=args.mu, allocation=result.allocation, seed=args.seed)
     print("scoring the pruned model ...")
     pruned = task.evaluate(model, device)
     attn_units, neurons = adapter.shape(model)
@@ -124,6 +140,7 @@ def prune(args):
         "prune_seconds": result.seconds, "latency_batch": int(latency_batch["input_ids"].shape[0]),
         "latency_dense_ms": latency_dense, "latency_pruned_ms": measure_latency(model, latency_batch, device),
         "device": str(device), "time": now(), **provenance(args.command),
+        **search_record(None if kwon else result.search, search, calibration_tokens),
     }
     if args.save_model:
         save_pruned(model, args.save_model, tokenizer)

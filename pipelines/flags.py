@@ -83,16 +83,25 @@ CORRECTION_FLAGS = ("correction", "pricing")
 ALLOCATION_FLAGS = ("pricing",)
 
 
-def add_search_arguments(p):
-    """--allocation search's budget and fitness windows, and widths saved or given by hand
-    (prune_opt.py, quantize_opt.py)."""
+SEARCH_PASSES = 10  # the default budget of --allocation search, in dense passes of the calibration tokens
+SEARCH_EXAMPLES = 128  # encoders: the training examples a candidate's KL is measured on (8 batches)
+
+
+def add_search_arguments(p, encoder=False):
+    """--allocation search's budget and fitness data, and widths saved or given by hand."""
     p.add_argument("--search_tokens", type=positive_int, metavar="TOKENS",
                    help="--allocation search: forward work to spend, in tokens through the whole model (a "
                         "candidate run from layer i of L counts (L - i)/L per token); default 10 dense passes of "
-                        "the calibration tokens (10 x nsamples x seqlen)")
-    p.add_argument("--search_windows", type=positive_int, default=8, metavar="N",
-                   help="--allocation search: windows of the calibration corpus, drawn after the calibration "
-                        "windows and held out of the IDs' fit, on which a candidate's KL is measured (default 8)")
+                        "the calibration tokens")
+    if encoder:
+        p.add_argument("--search_examples", type=positive_int, default=SEARCH_EXAMPLES, metavar="N",
+                       help="--allocation search: training examples that the calibration sample does not draw, "
+                            "on which a candidate's KL to the dense model's class distribution is measured "
+                            f"(default {SEARCH_EXAMPLES})")
+    else:
+        p.add_argument("--search_windows", type=positive_int, default=8, metavar="N",
+                       help="--allocation search: windows of the calibration corpus, drawn after the calibration "
+                            "windows and held out of the IDs' fit, on which a candidate's KL is measured (default 8)")
     p.add_argument("--widths", metavar="FILE",
                    help="prune to these widths (a JSON object with heads_per_layer and neurons_per_layer: a "
                         "--save_widths file, or a run's record) instead of allocating; they must fit mu")
@@ -103,19 +112,36 @@ def add_search_arguments(p):
 def check_search_arguments(p, args):
     """One-line errors (exit 2) for the search and widths flags that cannot work as given."""
     search = args.allocation == "search"
-    given = [f"--{flag}" for flag in ("search_tokens", "search_windows")
-             if getattr(args, flag) != p.get_default(flag)]
+    given = [f"--{flag}" for flag in ("search_tokens", "search_windows", "search_examples")
+             if getattr(args, flag, None) != p.get_default(flag)]
     if given and not search:
         p.error(f"{', '.join(given)} apply to --allocation search")
     if search and args.method != "stat":
         p.error("--allocation search builds its candidates from STAT's IDs: --method stat only")
-    if search and args.low_memory:
+    if search and getattr(args, "low_memory", False):
         p.error("--allocation search keeps the dense model's layers in memory: not with --low_memory")
     if args.widths is not None:
+        if args.method == "kwon":
+            p.error("--widths prunes with --method stat or magnitude, not kwon")
         if args.allocation is not None or args.width_multiple != 1:
             p.error("--widths replaces the allocation: not with --allocation or --width_multiple")
         if not os.path.isfile(args.widths):
             p.error(f"--widths: no such file: {args.widths}")
+
+
+def search_record(found, settings, calibration_tokens):
+    """The run record's "search" (none without --allocation search)."""
+    return {"search": found.record(settings, calibration_tokens)} if found is not None else {}
+
+
+def search_lines(record, held_out):
+    """The results block's line on the search; held_out names what it was judged on (windows, examples)."""
+    if "search" not in record:
+        return []
+    s = record["search"]
+    return [f"search: KL to dense {s['kl_start']:.4f} ({s['start']}) -> {s['kl']:.4f} on {s['windows']} held-out "
+            f"{held_out}, {s['generations']} generations ({s['improvements']} improved), {s['dense_passes']:.1f} "
+            f"dense passes of the calibration tokens, {s['seconds']:.0f} s"]
 
 
 def add_correction_arguments(p):

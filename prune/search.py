@@ -3,7 +3,8 @@
 The allocators of prune/allocation.py share the budget by a sum of per-layer prices; the model's
 error is not that sum. Here the widths are judged end to end, in the manner of EvoPress
 (Sieberling et al. 2024): the KL divergence of the pruned model's next-token distribution to
-the dense model's, on calibration windows held out of the IDs' fit.
+the dense model's, on calibration windows held out of the IDs' fit (an encoder classifier's:
+of its class distribution, on training examples the calibration sample does not draw).
 
 - `LevelDatabase`: pass 1's solved pruners (the IDs on the dense model's inputs) give each
   block, with its correction, at *any* width (the first k units of the ID order), so a
@@ -46,6 +47,7 @@ class SearchSettings:
     budget_tokens: float
     seed: int = 0
     start: str = "ffn_greedy"
+    hidden: bool = False  # encoders: judge by the last layer's outputs, not the head's distribution
 
 
 @dataclass
@@ -63,7 +65,8 @@ class SearchResult:
     def record(self, settings, calibration_tokens):
         """What a run's record keeps of the search: its settings, its spending (also in dense
         passes of the calibration tokens), the KL of its start and of its result."""
-        return {"start": settings.start, "seed": settings.seed, "windows": len(settings.batches),
+        held_out = sum(len(batch["input_ids"]) for batch in settings.batches)  # windows, or examples
+        return {"start": settings.start, "seed": settings.seed, "windows": held_out,
                 "budget_tokens": settings.budget_tokens, "layer_tokens": self.layer_tokens,
                 "dense_passes": self.layer_tokens / calibration_tokens, "kl_start": self.start_fitness,
                 "kl": self.fitness, "generations": self.generations, "improvements": self.improvements,
@@ -102,20 +105,25 @@ class LevelDatabase:
 
 
 class Fitness:
-    """KL(dense ‖ candidate) per token, on windows held out of the IDs' fit.
+    """KL(dense ‖ candidate) on batches held out of the IDs' fit: for a decoder per token, of the
+    next-token distributions; for an encoder classifier per example, of the class distributions
+    (a regression head, one output: the squared difference of the scores).
 
     Keeps the parent's hidden states at the input of every layer (and after the last), so a
     candidate that first differs from the parent at layer i runs layers i.. only. Memory: (L + 1)
-    × the windows' hidden states for the parent, as much for the candidate scored on all the
-    windows, and the dense model's next-token probabilities (tokens × vocabulary, float32)."""
+    × the batches' hidden states for the parent, as much for the candidate scored on all the
+    batches, and the dense model's next-token probabilities (tokens × vocabulary, float32)."""
 
-    def __init__(self, model, adapter, database, batches, device):
+    def __init__(self, model, adapter, database, batches, device, hidden=False):
         self.model, self.adapter, self.db, self.device = model, adapter, database, device
+        self.hidden = hidden  # encoders, measured: the squared distance of the last layer's outputs per real token
         inputs = capture_inputs(model, adapter, batches, device)
-        if any(m is not None for m in inputs.masks):
+        self.masks = inputs.masks
+        if adapter.is_decoder and any(m is not None for m in inputs.masks):
             raise ValueError("the fitness windows must be whole windows (no padding): every token is counted")
         self.extras = inputs.extras
-        self.tokens = [int(x.shape[:-1].numel()) for x in inputs.hidden]
+        # real tokens (an encoder's batches are padded): what the budget counts
+        self.tokens = [int(x.shape[:-1].numel() if m is None else m.sum()) for x, m in zip(inputs.hidden, inputs.masks)]
         self.L = len(database.layers)
         self.layer_tokens = 0.0
         self.first_inputs = [inputs.hidden]  # the parent's states, as far as every candidate shares them
@@ -154,8 +162,13 @@ class Fitness:
     def _dense_distribution(self, final):
         """The dense model's next-token probabilities p of every window (float32, tokens × vocabulary:
         100 MB a window of 512 tokens of SmolLM2), and Σ p log p of each: computed once, so that a
-        candidate's KL costs one product with the output layer, not two."""
+        candidate's KL costs one product with the output layer, not two. (An encoder's: its head's
+        outputs, _encoder_head, per batch.)"""
         moved = move_to(self.adapter.post_layer_modules(self.model), self.device)
+        if not self.adapter.is_decoder:
+            heads = [self._encoder_head(x) for x in final]
+            restore(moved)
+            return heads, None
         probs, neg_entropy = [], []
         for x in final:
             window_probs, total = [], 0.0
@@ -173,6 +186,11 @@ class Fitness:
         """Σ p (log p − log q) = Σ p log p − Σ_t (Σ_v p z − logsumexp z), with z the candidate's
         logits (Σ_v p = 1 at each token)."""
         moved = move_to(self.adapter.post_layer_modules(self.model), self.device)
+        if not self.adapter.is_decoder:
+            kl = self._encoder_divergence(final, windows)
+            if moved:
+                restore(moved)
+            return kl
         total, count = 0.0, 0
         for x, window_probs, neg_entropy in zip(final[:windows], self.dense_probs, self.dense_neg_entropy):
             total += neg_entropy
@@ -182,6 +200,33 @@ class Fitness:
                 count += h.shape[0]
         if moved:
             restore(moved)
+        return total / count
+
+    def _encoder_head(self, x):
+        """An encoder's head on its last layer's output: the classes' log-probabilities (float64),
+        or the score of a regression head (one output); with `hidden`, x itself."""
+        if self.hidden:
+            return x.double()
+        z = self.adapter.logits(self.model, x).double()
+        if z.dim() != 2:
+            raise ValueError("the search judges classification and regression heads, not span heads (QA)")
+        return z if z.shape[-1] == 1 else F.log_softmax(z, dim=-1)
+
+    def _encoder_divergence(self, final, batches):
+        """Per example: KL(dense ‖ candidate) of the class distributions, or the squared difference
+        of a regression head's scores."""
+        total, count = 0.0, 0
+        if self.hidden:
+            for x, dense, mask in zip(final[:batches], self.dense_probs, self.masks):
+                gap = ((self._encoder_head(x) - dense) ** 2).sum(-1)
+                total += float(gap.sum() if mask is None else gap[mask].sum())
+                count += int(gap.numel() if mask is None else mask.sum())
+            return total / count
+        for x, dense in zip(final[:batches], self.dense_probs):
+            mine = self._encoder_head(x)
+            gap = (dense - mine) ** 2 if dense.shape[-1] == 1 else dense.exp() * (dense - mine)
+            total += float(gap.sum())
+            count += x.shape[0]
         return total / count
 
 

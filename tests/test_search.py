@@ -218,7 +218,100 @@ def test_bad_search_input(tiny_checkpoints, data, tmp_path, capsys, more, expect
     assert not (out / "opt").exists()
 
 
-def test_prune_bert_says_search_is_for_decoders(capsys):
+# ---------------------------------------------------------------------------------------------
+# Encoders: the KL of the class distributions, per example
+
+
+@pytest.mark.parametrize("build", [tiny.bert, tiny.distilbert])
+def test_encoder_fitness_against_an_independent_kl(build):
+    """A classifier's candidate: the KL per example of its class distribution to the dense
+    model's, against the whole pruned model run by transformers on padded batches."""
+    model = tiny._spread(build(), scale=1.0).eval()
+    adapter = adapter_for(model)
+    calibration, held_out = tiny.random_batches(4, 8, 12, seed=0), tiny.random_batches(4, 6, 12, seed=1)
+    assert any(not bool(b["attention_mask"].all()) for b in held_out)  # padding is left out, not counted
+    _, pruners = measure_dense(model, adapter, capture_inputs(model, adapter, calibration, "cpu"), "cpu",
+                               keep=("attn", "ffn"), progress=False)
+    fitness = Fitness(model, adapter, LevelDatabase(model, adapter, pruners), held_out, "cpu")
+    attn_units, neurons = [4, 1, 3], [64, 20, 9]
+    pruned = copy.deepcopy(model)
+    for l, (a, n) in enumerate(zip(attn_units, neurons)):
+        adapter.layers(pruned)[l] = copy.deepcopy(fitness.db.layer(l, a, n))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in held_out:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            log_p = F.log_softmax(model(**inputs).logits.double(), dim=-1)
+            log_q = F.log_softmax(pruned(**inputs).logits.double(), dim=-1)
+            total += float((log_p.exp() * (log_p - log_q)).sum())
+            count += log_p.shape[0]
+    assert fitness.score(attn_units, neurons, 0, 4)[0] == pytest.approx(total / count, rel=1e-4)
+    assert total > 0
+    assert fitness.score([4, 4, 4], [64, 64, 64], 0, 4)[0] == 0.0
+    assert fitness.tokens == [int(b["attention_mask"].sum()) for b in held_out]
+
+
+def bert_argv(tiny_checkpoints, data, out, *more):
+    return ["--model_name", "tiny-bert", "--task_name", "movie-sentiment", "--model_dir", tiny_checkpoints["tiny-bert"],
+            "--data_dir", data, "--mu", "0.5", "--seed", "2", "--sample_batch_size", "32", "--batch_size", "16",
+            "--output_dir", out, "--device", "cpu", *more]
+
+
+@pytest.fixture(scope="module")
+def sentiment(tmp_path_factory):
+    return tiny.write_movie_sentiment(tmp_path_factory.mktemp("movie-sentiment"), 120, 24)
+
+
+def test_encoder_search_end_to_end_and_widths_round_trip(tiny_checkpoints, sentiment, tmp_path):
+    """prune_bert.py --allocation search: judged on training examples the calibration sample
+    does not draw; the widths saved, and pruning to them again gives the same model."""
+    out, widths = str(tmp_path / "out"), str(tmp_path / "widths.json")
+    searched = prune_bert.main(bert_argv(tiny_checkpoints, sentiment, out, "--allocation", "search",
+                                         "--search_tokens", "4000", "--search_examples", "40",
+                                         "--save_widths", widths))
+    s = searched["search"]
+    assert searched["allocation"] == "search" and s["start"] == "greedy" and s["windows"] == 40
+    assert s["kl"] <= s["kl_start"] and s["layer_tokens"] >= 4000 and 0 < searched["mac_ratio"] <= 0.5
+    assert "search: KL to dense" in open(os.path.join(out, "tiny-bert", "movie-sentiment.txt")).read()
+    saved = json.load(open(widths))
+    assert (saved["heads_per_layer"], saved["neurons_per_layer"]) == (searched["heads_per_layer"],
+                                                                      searched["neurons_per_layer"])
+    again = prune_bert.main(bert_argv(tiny_checkpoints, sentiment, out, "--widths", widths))
+    assert again["allocation"] == "widths" and "search" not in again
+    assert again["metrics"]["pruned"] == searched["metrics"]["pruned"]
+
+
+def test_encoder_search_data_is_held_out_of_the_calibration(sentiment):
+    """The fitness examples are training examples that the calibration sample does not draw."""
+    from evaluate.tasks import make_task
+    from prerequisites.checkpoint import load_tokenizer
+
+    model = tiny.bert()
+    task = make_task("movie-sentiment", load_tokenizer(tiny.tokenizer_dir_for("tiny-bert")), sentiment, 16)
+    key = lambda ids: tuple(int(t) for t in ids if t != task.tokenizer.pad_token_id)  # noqa: E731
+    calibration = {key(item["input_ids"]) for item in task.calibration_sample(60, 0)}
+    batches = task.search_batches(model, 40, 0, 60)
+    held_out = [key(row) for b in batches for row in b["input_ids"]]
+    assert len(batches) == 8 and len(held_out) == 40 and not calibration & set(held_out)
+    with pytest.raises(UserError, match="besides the calibration sample"):
+        task.search_batches(model, 61, 0, 60)
+
+
+@pytest.mark.parametrize("more,expected", [
+    (["--search_examples", "10"], "apply to --allocation search"),
+    (["--allocation", "search", "--method", "magnitude"], "--method stat only"),
+    (["--widths", "WIDTHS", "--method", "kwon"], "not kwon"),
+    (["--widths", "WIDTHS"], "more than mu 0.5"),
+])
+def test_bad_encoder_search_input(tiny_checkpoints, sentiment, tmp_path, capsys, more, expected):
+    save_widths(str(tmp_path / "WIDTHS"), [4, 4, 4], [64, 64, 64])
+    more = [str(tmp_path / m) if m == "WIDTHS" else m for m in more]
+    argv = bert_argv(tiny_checkpoints, sentiment, str(tmp_path / "out"), *more)
+    if "kwon" in more:  # it draws its own sample
+        at = argv.index("--sample_batch_size")
+        argv = argv[:at] + argv[at + 2:]
     with pytest.raises(SystemExit) as info:
-        prune_bert.main(["--model_name", "m", "--task_name", "sst2", "--mu", "0.5", "--allocation", "search"])
-    assert info.value.code == 2 and "decoders" in capsys.readouterr().err
+        run_main(lambda: prune_bert.main(argv))
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert info.value.code == 2 and len(errors) == 1 and expected in errors[0], errors
+    assert not (tmp_path / "out" / "tiny-bert").exists()

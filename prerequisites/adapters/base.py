@@ -190,7 +190,8 @@ class Adapter:
                 layout["attributes"][f"{layer_name}.{path}"] = attributes
         return layout
 
-    # --- decoders: what runs before the first and after the last layer
+    # --- what runs before the first layer (decoders; an encoder's embeddings run in capture) and
+    # after the last: the head, whose logits the search judges a candidate by
     def pre_layer_modules(self, model):
         return []
 
@@ -198,6 +199,8 @@ class Adapter:
         return []
 
     def logits(self, model, x):
+        """The head's logits on the last layer's output x: a decoder's next-token logits, an
+        encoder classifier's class logits (batch × classes)."""
         raise NotImplementedError
 
 

@@ -31,3 +31,11 @@ class BertAdapter(Adapter):
     def remove_attention(self, layer):
         # BertSelfOutput (dense + LayerNorm of the residual) stays; only the heads go.
         layer.attention.self = NoHeads()
+
+    def post_layer_modules(self, model):
+        return [model.qa_outputs] if hasattr(model, "qa_outputs") else [model.bert.pooler, model.classifier]
+
+    def logits(self, model, x):
+        if hasattr(model, "qa_outputs"):
+            return model.qa_outputs(x)
+        return model.classifier(model.bert.pooler(x))  # BertForSequenceClassification's dropout: none in eval

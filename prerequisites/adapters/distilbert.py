@@ -1,4 +1,6 @@
 """DistilBERT (encoder): the output projection out_lin runs inside the attention module."""
+import torch
+
 from prerequisites.adapters.base import Adapter, input_of
 from prerequisites.modeling_stat import NoHeads
 
@@ -34,3 +36,12 @@ class DistilBertAdapter(Adapter):
 
     def remove_attention(self, layer):
         layer.attention = NoHeads(out_name="out_lin", out_proj=layer.attention.out_lin)
+
+    def post_layer_modules(self, model):
+        return [model.qa_outputs] if hasattr(model, "qa_outputs") else [model.pre_classifier, model.classifier]
+
+    def logits(self, model, x):
+        if hasattr(model, "qa_outputs"):
+            return model.qa_outputs(x)
+        # DistilBertForSequenceClassification: the first token, pre_classifier, ReLU, (dropout), classifier
+        return model.classifier(torch.relu(model.pre_classifier(x[:, 0])))

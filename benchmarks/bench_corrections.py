@@ -46,7 +46,6 @@ import os
 import statistics
 import sys
 import tempfile
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -103,8 +102,7 @@ def parse_variant(name):
             options["search"] = float(value)  # dense passes; made into SearchSettings per run below
         elif key == "sx":
             options["search_examples"] = int(value)
-        elif part == "shidden":
-            options["search_hidden"] = True
+
         else:
             raise SystemExit(f"unknown variant part {part!r}")
     return options, nsamples
@@ -291,12 +289,10 @@ def run(bench, variant, mu, seed):
     if "sketch" in options:  # its draws follow the calibration seed, as the scripts' --seed
         options["sketch"] = options["sketch"].reseeded(seed)
     examples = options.pop("search_examples", SEARCH_EXAMPLES)
-    hidden = options.pop("search_hidden", False)
     if "search" in options:
         start = options.get("allocation") or bench.adapter.default_allocation
         options.update(allocation="search",
-                       search=replace(bench.search_settings(seed, nsamples, options["search"], start, examples),
-                                      hidden=hidden))
+                       search=bench.search_settings(seed, nsamples, options["search"], start, examples))
     model = copy.deepcopy(bench.dense)
     result = stat_prune(model, bench.adapter, bench.calibration(seed, nsamples), bench.costs, mu, "cpu",
                         progress=False, **options)

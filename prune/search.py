@@ -47,7 +47,6 @@ class SearchSettings:
     budget_tokens: float
     seed: int = 0
     start: str = "ffn_greedy"
-    hidden: bool = False  # encoders: judge by the last layer's outputs, not the head's distribution
 
 
 @dataclass
@@ -114,11 +113,9 @@ class Fitness:
     × the batches' hidden states for the parent, as much for the candidate scored on all the
     batches, and the dense model's next-token probabilities (tokens × vocabulary, float32)."""
 
-    def __init__(self, model, adapter, database, batches, device, hidden=False):
+    def __init__(self, model, adapter, database, batches, device):
         self.model, self.adapter, self.db, self.device = model, adapter, database, device
-        self.hidden = hidden  # encoders, measured: the squared distance of the last layer's outputs per real token
         inputs = capture_inputs(model, adapter, batches, device)
-        self.masks = inputs.masks
         if adapter.is_decoder and any(m is not None for m in inputs.masks):
             raise ValueError("the fitness windows must be whole windows (no padding): every token is counted")
         self.extras = inputs.extras
@@ -204,9 +201,7 @@ class Fitness:
 
     def _encoder_head(self, x):
         """An encoder's head on its last layer's output: the classes' log-probabilities (float64),
-        or the score of a regression head (one output); with `hidden`, x itself."""
-        if self.hidden:
-            return x.double()
+        or the score of a regression head (one output)."""
         z = self.adapter.logits(self.model, x).double()
         if z.dim() != 2:
             raise ValueError("the search judges classification and regression heads, not span heads (QA)")
@@ -216,12 +211,6 @@ class Fitness:
         """Per example: KL(dense ‖ candidate) of the class distributions, or the squared difference
         of a regression head's scores."""
         total, count = 0.0, 0
-        if self.hidden:
-            for x, dense, mask in zip(final[:batches], self.dense_probs, self.masks):
-                gap = ((self._encoder_head(x) - dense) ** 2).sum(-1)
-                total += float(gap.sum() if mask is None else gap[mask].sum())
-                count += int(gap.numel() if mask is None else mask.sum())
-            return total / count
         for x, dense in zip(final[:batches], self.dense_probs):
             mine = self._encoder_head(x)
             gap = (dense - mine) ** 2 if dense.shape[-1] == 1 else dense.exp() * (dense - mine)

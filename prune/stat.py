@@ -410,8 +410,7 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     if search:
         if store is not None:
             raise ValueError("allocation 'search' keeps the model in memory: not with a LayerStore (--low_memory)")
-        fitness = Fitness(model, adapter, LevelDatabase(model, adapter, pruners), search.batches, device,
-                          search.hidden)
+        fitness = Fitness(model, adapter, LevelDatabase(model, adapter, pruners), search.batches, device)
         found = search_widths(fitness, attn_units, neurons, search.budget_tokens, search.seed, width_multiple,
                               progress=progress)
         attn_units, neurons = found.attn_units, found.neurons

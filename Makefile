@@ -25,9 +25,12 @@ $(VENV)/.installed: requirements.txt
 demo: $(VENV)/.installed
 	$(PY) scripts/demo.py
 
-# only the llama.cpp library: llava's (LLAVA_BUILD) is not needed to run or quantize GGUF files
+# only the llama.cpp library: llava's (LLAVA_BUILD) is not needed to run or quantize GGUF files;
+# GGML_NATIVE=OFF: a portable build (AVX2, FMA, F16C), since -march=native compiled AMX code that
+# died with "Illegal instruction" on a VM whose CPU lists AMX without enabling it (no pip cache: a
+# wheel built elsewhere with other flags must not be reused)
 $(VENV)/.llama-cpp: $(VENV)/.installed
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install --quiet --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF" $(PY) -m pip install --quiet --no-deps --no-cache-dir --no-binary llama-cpp-python llama-cpp-python==0.3.36
 	touch $@
 
 gguf: $(VENV)/.llama-cpp

@@ -101,6 +101,7 @@ class GlueTask:
         if n > len(free):
             raise UserError(f"--search_examples {n}: the training set has {len(free)} examples besides the "
                             "calibration sample")
+        # a stream of its own ([seed, 22]), so the draw never repeats the calibration sample's generator
         picks = np.random.default_rng([seed, 22]).choice(free, size=n, replace=False)
         encoded = glue.encode([self.train[i] for i in picks], self.tokenizer, self.spec)
         return [accepted_inputs(model, b) for b in glue.batches(encoded, -(-n // batches), self.tokenizer.pad_token_id)]

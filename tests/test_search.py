@@ -174,6 +174,17 @@ def prune_argv(tiny_checkpoints, data, out, *more):
             "--eval_samples", "2", "--output_dir", out, "--device", "cpu", *more]
 
 
+def check_searched(record, start, held_out, budget_tokens, mu, results_txt, widths):
+    """A script's record of --allocation search, its line in the results block, and the widths it saved."""
+    s = record["search"]
+    assert record["allocation"] == "search" and s["start"] == start and s["windows"] == held_out
+    assert s["kl"] <= s["kl_start"] and s["layer_tokens"] >= budget_tokens and 0 < record["mac_ratio"] <= mu
+    assert "search: KL to dense" in open(results_txt).read()
+    saved = json.load(open(widths))
+    assert (saved["heads_per_layer"], saved["neurons_per_layer"]) == (record["heads_per_layer"],
+                                                                      record["neurons_per_layer"])
+
+
 def test_search_end_to_end_and_widths_round_trip(tiny_checkpoints, data, tmp_path):
     """prune_opt.py --allocation search: the record of the search, the widths saved; pruning
     again to those widths with --widths gives the same model (the same perplexity)."""
@@ -181,15 +192,10 @@ def test_search_end_to_end_and_widths_round_trip(tiny_checkpoints, data, tmp_pat
     searched = prune_opt.main(prune_argv(tiny_checkpoints, data, out, "--allocation", "search",
                                          "--search_tokens", "3000", "--search_windows", "4",
                                          "--save_widths", widths))
+    check_searched(searched, "ffn_greedy", 4, 3000, 0.6, os.path.join(out, "opt", "tiny-llama.txt"), widths)
     s = searched["search"]
-    assert searched["allocation"] == "search" and s["start"] == "ffn_greedy" and s["windows"] == 4
-    assert s["kl"] <= s["kl_start"] and s["layer_tokens"] >= 3000
     assert s["dense_passes"] == pytest.approx(s["layer_tokens"] / (8 * 64))
-    assert 0 < searched["mac_ratio"] <= 0.6
-    assert "search: KL to dense" in open(os.path.join(out, "opt", "tiny-llama.txt")).read()
     saved = json.load(open(widths))
-    assert (saved["heads_per_layer"], saved["neurons_per_layer"]) == (searched["heads_per_layer"],
-                                                                      searched["neurons_per_layer"])
     again = prune_opt.main(prune_argv(tiny_checkpoints, data, out, "--widths", widths))
     assert again["allocation"] == "widths" and "search" not in again
     assert (again["heads_per_layer"], again["neurons_per_layer"]) == (saved["heads_per_layer"],
@@ -269,13 +275,7 @@ def test_encoder_search_end_to_end_and_widths_round_trip(tiny_checkpoints, senti
     searched = prune_bert.main(bert_argv(tiny_checkpoints, sentiment, out, "--allocation", "search",
                                          "--search_tokens", "4000", "--search_examples", "40",
                                          "--save_widths", widths))
-    s = searched["search"]
-    assert searched["allocation"] == "search" and s["start"] == "greedy" and s["windows"] == 40
-    assert s["kl"] <= s["kl_start"] and s["layer_tokens"] >= 4000 and 0 < searched["mac_ratio"] <= 0.5
-    assert "search: KL to dense" in open(os.path.join(out, "tiny-bert", "movie-sentiment.txt")).read()
-    saved = json.load(open(widths))
-    assert (saved["heads_per_layer"], saved["neurons_per_layer"]) == (searched["heads_per_layer"],
-                                                                      searched["neurons_per_layer"])
+    check_searched(searched, "greedy", 40, 4000, 0.5, os.path.join(out, "tiny-bert", "movie-sentiment.txt"), widths)
     again = prune_bert.main(bert_argv(tiny_checkpoints, sentiment, out, "--widths", widths))
     assert again["allocation"] == "widths" and "search" not in again
     assert again["metrics"]["pruned"] == searched["metrics"]["pruned"]

@@ -99,8 +99,8 @@ def prune(args):
     if not kwon:
         calibration_tokens = sum(len(item["input_ids"]) for item in calibration_sample)
     if args.allocation == "search":
-        search = SearchSettings(task.search_batches(model, args.search_examples, args.seed, n_calibration, args.sampler),
-                                args.search_tokens or SEARCH_PASSES * calibration_tokens, args.seed,
+        held_out = task.search_batches(model, args.search_examples, args.seed, n_calibration, args.sampler)
+        search = SearchSettings(held_out, args.search_tokens or SEARCH_PASSES * calibration_tokens, args.seed,
                                 protocol.default(protocol.ENCODER, "allocation", args.protocol))
 
     if kwon:

@@ -4,6 +4,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from prune import gram
 from prune.gram import Gram, Sketch
 from prune.interpolative import expand_groups, group_gram, ordered_factor, pivoted_factor
 
@@ -91,6 +92,22 @@ def test_gram_streams_batches_and_skips_padding():
     rows = X[mask].double()
     assert G.rows == int(mask.sum())
     assert torch.allclose(G.G, rows.T @ rows, rtol=1e-5)
+
+
+def test_gram_formed_by_panels_below_the_diagonal_is_the_whole_product():
+    """n over two of the Gram's column panels (gram.BLOCK), cross products beside it: products
+    equals [A, B]'s dense float64 product, symmetric, also when read between batches."""
+    rng = np.random.default_rng(10)
+    n, extra = 2 * gram.BLOCK + 37, 5
+    batches = [torch.from_numpy(rng.standard_normal((2, 30, n + extra))).float() for _ in range(2)]
+    G = Gram(n, extra=extra)
+    G.add_batch(batches[0][..., :n], B=batches[0][..., n:])
+    rows = batches[0].reshape(-1, n + extra).double()
+    torch.testing.assert_close(G.products, rows[:, :n].T @ rows, rtol=1e-6, atol=1e-4)
+    G.add_batch(batches[1][..., :n], B=batches[1][..., n:])
+    rows = torch.cat([b.reshape(-1, n + extra) for b in batches]).double()
+    torch.testing.assert_close(G.products, rows[:, :n].T @ rows, rtol=1e-6, atol=1e-4)
+    assert torch.equal(G.G, G.G.T)
 
 
 def test_count_sketch_is_unbiased():

@@ -21,6 +21,7 @@ import torch
 from scipy.linalg import lapack
 
 RIDGE = 1e-8  # relative to the mean diagonal of G: keeps the factors defined for rank-deficient G
+ROWS = 1024  # n × n work converted between precisions a block of rows at a time: no whole copy beside it
 
 
 def ridge_of(G, relative=RIDGE):
@@ -80,10 +81,11 @@ class Factor:
         on the CPU of docs/results.md) and R Rᵀ from dlauum (n³/3 flops: a product would take
         2n³); with 'torch' M comes from two triangular solves in place (2n³) and R Rᵀ from a
         product, where R lies.
+        It all runs in R's precision (a float32 R: ssygst and slauum), the sums in float64.
         destroy: R may be overwritten (a factor used for nothing else). scale: the columns'
         scaling that G_held gets first, as the Gram the factor was taken of (diag(s) G diag(s)).
         """
-        X = _ordered_copy(G_held, self.order, self.R.device)  # becomes M
+        X = _ordered_copy(G_held, self.order, self.R.device, self.R.dtype)  # becomes M
         if scale is not None:
             s = scale.to(X)[self.order.to(X.device)]
             X *= s[:, None]
@@ -91,9 +93,10 @@ class Factor:
         V = None if W is None else self.R @ W.detach().to(self.R)[:, self.order.to(self.R.device)].T
         on_host = by == "lapack" and self.R.device.type == "cpu"
         if on_host:  # R⁻ᵀ X R⁻¹ in the upper triangle of X (a Fortran view of it: its lower one), in place
-            M, info = lapack.dsygst(X.numpy().T, self.R.numpy().T, itype=1, lower=1, overwrite_a=1)
+            sygst = lapack.ssygst if X.dtype == torch.float32 else lapack.dsygst
+            M, info = sygst(X.numpy().T, self.R.numpy().T, itype=1, lower=1, overwrite_a=1)
             if info:
-                raise ValueError(f"dsygst failed: illegal argument {-info}")
+                raise ValueError(f"?sygst failed: illegal argument {-info}")
             X = torch.from_numpy(M.T)
         else:
             torch.linalg.solve_triangular(self.R, X, upper=True, left=False, out=X)  # X R⁻¹, in place
@@ -101,13 +104,14 @@ class Factor:
         if V is not None:
             N = V @ V.T
         elif on_host:  # R Rᵀ in n³/3 flops, where R lies when allowed
-            N = torch.from_numpy(lapack.dlauum(self.R.numpy().T, lower=1, overwrite_c=int(destroy))[0].T)
+            lauum = lapack.slauum if self.R.dtype == torch.float32 else lapack.dlauum
+            N = torch.from_numpy(lauum(self.R.numpy().T, lower=1, overwrite_c=int(destroy))[0].T)
         else:
             N = self.R @ self.R.T
         X *= N  # only the upper triangle of LAPACK's R Rᵀ is right: it is all that is read
         del N
-        rows = X.triu_().sum(dim=1)
-        tail = 2 * _suffix_sums(rows) - _suffix_sums(X.diagonal())
+        rows = _row_sums(X.triu_())
+        tail = 2 * _suffix_sums(rows) - _suffix_sums(X.diagonal().double())
         return torch.cat([tail, tail.new_zeros(1)]).clamp_min(0).sqrt()
 
     def coefficients(self, k):
@@ -117,16 +121,29 @@ class Factor:
         return torch.linalg.solve_triangular(self.R[:k, :k], self.R[:k, k:], upper=True)
 
 
-def _ordered_copy(G, order, device):
-    """G[order][:, order] in float64 on `device`, built a block of rows at a time (G may be a
+def _ordered_copy(G, order, device, dtype=torch.float64):
+    """G[order][:, order] in `dtype` on `device`, built a block of rows at a time (G may be a
     float32 Gram: no whole float64 copy of it besides the result)."""
     n = len(order)
     order = order.to(G.device)
-    X = torch.empty(n, n, dtype=torch.float64, device=device)
-    for start in range(0, n, 1024):
-        rows = order[start:start + 1024]
+    X = torch.empty(n, n, dtype=dtype, device=device)
+    for start in range(0, n, ROWS):
+        rows = order[start:start + ROWS]
         X[start:start + len(rows)] = G.index_select(0, rows).index_select(1, order).to(X)
     return X
+
+
+def _row_sums(X):
+    """X.sum(dim=1) in float64, a block of rows at a time (no whole float64 copy of a float32 X)."""
+    return torch.cat([X[start:start + ROWS].sum(dim=1, dtype=torch.float64) for start in range(0, len(X), ROWS)])
+
+
+def add_rows(total, part):
+    """total += part, a block of rows at a time: a float32 part is promoted to total's float64
+    a block at a time, not whole beside it."""
+    for start in range(0, len(total), ROWS):
+        total[start:start + ROWS] += part[start:start + ROWS]
+    return total
 
 
 def _suffix_sums(v):

@@ -31,11 +31,14 @@ import warnings
 import torch
 
 from prune.gram import Gram
-from prune.interpolative import RIDGE, expand_groups, group_gram, ordered_factor, pivoted_factor
+from prune.interpolative import RIDGE, add_rows, expand_groups, group_gram, ordered_factor, pivoted_factor
 
 TARGETS = ("self", "dense")
 # held-out prices: cross-validated over 3 folds of the calibration batches (4, the first choice, and 3 measured
-# alike on held-out data, 2 behind: docs/results.md), whose float32 Grams and one fit then take 3.5 n² at most
+# alike on held-out data, 2 behind: docs/results.md). The folds' Grams are float32, each fold's fit is factored in
+# float64 and its pricing reduction (R⁻ᵀ G_fold R⁻¹, R Rᵀ) runs in float32: half the time, and prices within
+# 5e-5 of float64's wherever they exceed 1 % of the block's whole error (tests/test_corrections.py), the same
+# allocations on SmolLM2 (docs/results.md). Factoring the folds in float32 too measured 3e-3 off: not done.
 PRICE_FOLDS = 3
 
 
@@ -128,7 +131,7 @@ class UnitPruner:
             self.prices_held_out = self._cross_validated_prices(folds)
         products = folds.pop().double()
         while folds:  # summed in float64, each fold freed once added
-            products += folds.pop()
+            add_rows(products, folds.pop())
         dims = self.W.shape[1]
         if self.target == "dense":
             self.G = products[:, :dims].clone()
@@ -159,14 +162,16 @@ class UnitPruner:
         for f, held in enumerate(folds):
             G_fit = torch.zeros(dims, dims, dtype=torch.float64, device=held.device)
             for other in folds[:f] + folds[f + 1:]:
-                G_fit += other[:, :dims]
+                add_rows(G_fit, other[:, :dims])
             with warnings.catch_warnings():  # the folds' factors are not reported, only the factor of all of them
                 warnings.simplefilter("ignore", RuntimeWarning)
                 factor = self._factor(self._scaled(G_fit))[1]
             del G_fit
+            factor.R = factor.R.float()  # the fold's reduction in float32 (see PRICE_FOLDS)
             W = None if self.scale_by_weight else self._output_weight()
             errors = factor.heldout_errors(held[:, :dims], W, self.factor_by, destroy=True, scale=self.dim_scale)
             squared = squared + (errors if W is None else errors[:: self.unit_dims]) ** 2
+            del factor  # not beside the next fold's fit
         return squared.sqrt()
 
     def _scaled(self, G):

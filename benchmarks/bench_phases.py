@@ -150,10 +150,11 @@ def main():
     pass_1 = {}
     for pricing in args.pricing or [knobs["pricing"]]:
         pass_1[pricing] = run(args, dense, batches, costs, knobs, evaluate, mu, pricing, dense_pass, clock)
-    if len(pass_1) > 1:  # the issue's measure: pass 1's time with each pricing against the first's
-        first = next(iter(pass_1))
-        print(f"\npass 1: " + ", ".join(f"{p} {s:.2f} CPU s" for p, s in pass_1.items()) + "; against " + first
-              + ": " + ", ".join(f"{p} {pass_1[p] / pass_1[first]:.2f}x" for p in pass_1 if p != first))
+    names = list(pass_1)  # the issue's measure: pass 1's time with one pricing against another's
+    for i, earlier in enumerate(names):
+        for later in names[i + 1:]:
+            print(f"\npass 1 with {later} prices / with {earlier} prices: {pass_1[later]:.2f} / "
+                  f"{pass_1[earlier]:.2f} CPU s = {pass_1[later] / pass_1[earlier]:.2f}x")
 
 
 def run(args, dense, batches, costs, knobs, evaluate, mu, pricing, dense_pass, clock):

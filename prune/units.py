@@ -36,8 +36,8 @@ from prune.interpolative import RIDGE, add_rows, expand_groups, group_gram, orde
 TARGETS = ("self", "dense")
 # held-out prices: cross-validated over 3 folds of the calibration batches (4, the first choice, and 3 measured
 # alike on held-out data, 2 behind: docs/results.md). The folds' Grams are float32, each fold's fit is factored in
-# float64 and its pricing reduction (R⁻ᵀ G_fold R⁻¹, R Rᵀ) runs in float32: half the time, and prices within
-# 5e-5 of float64's wherever they exceed 1 % of the block's whole error (tests/test_corrections.py), the same
+# float64 and its pricing reduction (R⁻ᵀ G_fold R⁻¹, R Rᵀ) runs in float32: 0.6-0.7x the time, prices within
+# 1e-4 of float64's wherever they exceed 1 % of the block's whole error (tests/test_corrections.py), the same
 # allocations on SmolLM2 (docs/results.md). Factoring the folds in float32 too measured 3e-3 off: not done.
 PRICE_FOLDS = 3
 
@@ -155,8 +155,9 @@ class UnitPruner:
     def _cross_validated_prices(self, folds):
         """prices() cross-validated over `folds` (their products): each fold gets the error that
         the ID fitted on the other folds leaves on it; the squared errors add up over the folds.
-        Memory: the folds (float32), the fit's Gram becoming its factor, and the held-out Gram
-        becoming the products that price it: with 2 folds 3 n² float64 at most."""
+        Memory, in n × n float64 matrices: the folds (float32, 0.5 each), the fit's Gram
+        becoming its factor (1), that factor rounded to float32 (0.5, the float64 one then freed)
+        and the held-out Gram becoming the products that price it (0.5): with 3 folds 3 at most."""
         dims = self.W.shape[1]
         squared = 0.0
         for f, held in enumerate(folds):

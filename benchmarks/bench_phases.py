@@ -128,7 +128,7 @@ def main():
     p.add_argument("--mu", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pricing", nargs="+", choices=stat.PRICINGS,
-                   help="one or more, each a run of its own in this process (pass 1 compared with the first's)")
+                   help="one or more, each a run of its own in this process (their pass 1 times compared)")
     p.add_argument("--score_fraction", type=float)
     p.add_argument("--factor", choices=stat.FACTORS, default="auto")
     p.add_argument("--sketch", choices=SKETCHES, help="gaussian (rows per window) or count (rows per batch)")
@@ -144,7 +144,8 @@ def main():
     tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
     print(f"{args.model}: mu {mu}, {len(batches)} calibration batches ({tokens} tokens), allocation "
           f"{knobs['allocation']}, calibration {knobs['calibration']}, factor {args.factor}, sketch {args.sketch} "
-          f"{args.sketch_rows}; one dense forward pass over them {dense_pass:.2f} CPU s, the mean of two ({wall_pass:.2f} s, the faster)", flush=True)
+          f"{args.sketch_rows}; one dense forward pass over them {dense_pass:.2f} CPU s, the mean of two "
+          f"({wall_pass:.2f} s, the faster)", flush=True)
     clock = PhaseClock()
     instrument(clock)
     pass_1 = {}

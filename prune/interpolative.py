@@ -21,7 +21,10 @@ import torch
 from scipy.linalg import lapack
 
 RIDGE = 1e-8  # relative to the mean diagonal of G: keeps the factors defined for rank-deficient G
-ROWS = 1024  # n × n work converted between precisions a block of rows at a time: no whole copy beside it
+# n × n work is gathered or converted between precisions a block of rows at a time, of at most this many
+# bytes in float64, through one reused buffer: no whole copy beside it, and no pile of freed blocks (a fixed
+# 1024 rows, a new block each time, left 0.25-0.6 n² of temporaries at n = 4096: benchmarks/bench_block.py)
+BLOCK_BYTES = 1 << 22
 
 
 def ridge_of(G, relative=RIDGE):
@@ -127,22 +130,40 @@ def _ordered_copy(G, order, device, dtype=torch.float64):
     n = len(order)
     order = order.to(G.device)
     X = torch.empty(n, n, dtype=dtype, device=device)
-    for start in range(0, n, ROWS):
-        rows = order[start:start + ROWS]
-        X[start:start + len(rows)] = G.index_select(0, rows).index_select(1, order).to(X)
+    step = _rows_per_block(n)
+    rows = G.new_empty(min(step, n), G.shape[1])
+    for start in range(0, n, step):
+        picked = order[start:start + step]
+        torch.index_select(G, 0, picked, out=rows[:len(picked)])
+        X[start:start + len(picked)] = rows[:len(picked)].index_select(1, order)
     return X
+
+
+def _rows_per_block(n):
+    return max(1, BLOCK_BYTES // (8 * max(n, 1)))
 
 
 def _row_sums(X):
     """X.sum(dim=1) in float64, a block of rows at a time (no whole float64 copy of a float32 X)."""
-    return torch.cat([X[start:start + ROWS].sum(dim=1, dtype=torch.float64) for start in range(0, len(X), ROWS)])
+    step = _rows_per_block(X.shape[-1])
+    block = X.new_empty(min(step, len(X)), X.shape[-1], dtype=torch.float64)
+    sums = X.new_empty(len(X), dtype=torch.float64)
+    for start in range(0, len(X), step):
+        part = block[:len(X[start:start + step])]
+        part.copy_(X[start:start + step])
+        torch.sum(part, dim=1, out=sums[start:start + len(part)])
+    return sums
 
 
 def add_rows(total, part):
-    """total += part, a block of rows at a time: a float32 part is promoted to total's float64
-    a block at a time, not whole beside it."""
-    for start in range(0, len(total), ROWS):
-        total[start:start + ROWS] += part[start:start + ROWS]
+    """total += part, a block of rows at a time: a part in another precision (float32 into
+    float64) is converted a block at a time, not whole beside it."""
+    step = _rows_per_block(total.shape[-1])
+    block = total.new_empty(min(step, len(total)), total.shape[-1])
+    for start in range(0, len(total), step):
+        converted = block[:len(total[start:start + step])]
+        converted.copy_(part[start:start + step])
+        total[start:start + step] += converted
     return total
 
 

@@ -4,7 +4,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from prune import gram
+from prune import gram, interpolative
 from prune.gram import Gram, Sketch
 from prune.interpolative import expand_groups, group_gram, ordered_factor, pivoted_factor
 
@@ -196,3 +196,21 @@ def test_heldout_errors_are_the_ids_errors_on_other_rows(ill_conditioned, by):
     in_sample = factor.heldout_errors(torch.from_numpy(A.T @ A), by=by).numpy()
     assert ill_conditioned or np.allclose(in_sample, factor.errors().numpy(), rtol=1e-6,
                                           atol=1e-9 * np.linalg.norm(A))
+
+
+@pytest.mark.parametrize("block_bytes", [8 * 7 * 3, 1 << 22])  # 3 rows a block (the last one short), or all
+def test_the_blockwise_helpers_equal_the_whole_operations(monkeypatch, block_bytes):
+    """_ordered_copy, _row_sums and add_rows work a block of rows at a time through one reused
+    buffer: the same results as the whole operations, whatever the block size."""
+    monkeypatch.setattr(interpolative, "BLOCK_BYTES", block_bytes)
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(7, 7, generator=g)
+    order = torch.randperm(7, generator=g)
+    ordered = interpolative._ordered_copy(G, order, "cpu", torch.float64)
+    assert ordered.dtype == torch.float64 and torch.equal(ordered, G[order][:, order].double())
+    sums = interpolative._row_sums(G)
+    assert sums.dtype == torch.float64 and torch.allclose(sums, G.double().sum(dim=1), rtol=1e-12, atol=1e-12)
+    total = torch.randn(7, 7, dtype=torch.float64, generator=g)
+    part = torch.randn(7, 9, generator=g)[:, :7]  # float32, and not contiguous (a fold's products with extra columns)
+    expected = total + part.double()
+    assert torch.equal(interpolative.add_rows(total, part), expected) and torch.equal(total, expected)

@@ -149,9 +149,10 @@ def _row_sums(X):
     block = X.new_empty(min(step, len(X)), X.shape[-1], dtype=torch.float64)
     sums = X.new_empty(len(X), dtype=torch.float64)
     for start in range(0, len(X), step):
-        part = block[:len(X[start:start + step])]
-        part.copy_(X[start:start + step])
-        torch.sum(part, dim=1, out=sums[start:start + len(part)])
+        end = min(start + step, len(X))
+        part = block[:end - start]
+        part.copy_(X[start:end])
+        torch.sum(part, dim=1, out=sums[start:end])
     return sums
 
 
@@ -161,9 +162,10 @@ def add_rows(total, part):
     step = _rows_per_block(total.shape[-1])
     block = total.new_empty(min(step, len(total)), total.shape[-1])
     for start in range(0, len(total), step):
-        converted = block[:len(total[start:start + step])]
-        converted.copy_(part[start:start + step])
-        total[start:start + step] += converted
+        end = min(start + step, len(total))
+        converted = block[:end - start]
+        converted.copy_(part[start:end])
+        total[start:end] += converted
     return total
 
 

@@ -161,8 +161,9 @@ class UnitPruner:
         dims = self.W.shape[1]
         squared = 0.0
         for f, held in enumerate(folds):
-            G_fit = torch.zeros(dims, dims, dtype=torch.float64, device=held.device)
-            for other in folds[:f] + folds[f + 1:]:
+            others = folds[:f] + folds[f + 1:]
+            G_fit = others[0][:, :dims].double()  # the first fold's copy is the fit's start: no zeros to add to
+            for other in others[1:]:
                 add_rows(G_fit, other[:, :dims])
             with warnings.catch_warnings():  # the folds' factors are not reported, only the factor of all of them
                 warnings.simplefilter("ignore", RuntimeWarning)

@@ -18,6 +18,7 @@ A variant is a '+'-joined list of settings on top of `today` (stat_prune's defau
   search=P         --allocation search from the variant's allocation, a budget of P dense passes of the
                    calibration tokens; the KL on the 8 windows drawn after the calibration windows
                    (smollm2), on 128 training sentences the calibration sample does not draw (minilm)
+  measured         --allocation measured from the variant's allocation, on the search's held-out data
   sx=N             (minilm) with search: N training sentences rather than 128
 (The variants of issue 14 that were removed in issue 20, bias, addbias, ridge=X, idridge=X,
 nerr, select=dense and res apart from dense, run at commit 7ed5679.)
@@ -100,6 +101,9 @@ def parse_variant(name):
             options["score_fraction"] = float(value)
         elif key == "search":
             options["search"] = float(value)  # dense passes; made into SearchSettings per run below
+        elif part == "measured":
+            options["search"] = 0.0  # --allocation measured: the search's held-out data, no budget
+            options["measured"] = True
         elif key == "sx":
             options["search_examples"] = int(value)
 
@@ -291,7 +295,7 @@ def run(bench, variant, mu, seed):
     examples = options.pop("search_examples", SEARCH_EXAMPLES)
     if "search" in options:
         start = options.get("allocation") or bench.adapter.default_allocation
-        options.update(allocation="search",
+        options.update(allocation="measured" if options.pop("measured", False) else "search",
                        search=bench.search_settings(seed, nsamples, options["search"], start, examples))
     model = copy.deepcopy(bench.dense)
     result = stat_prune(model, bench.adapter, bench.calibration(seed, nsamples), bench.costs, mu, "cpu",
@@ -305,6 +309,9 @@ def run(bench, variant, mu, seed):
               "neurons": result.neurons}
     if result.search:
         record["search"] = result.search.record(options["search"], bench.calibration_tokens(seed, nsamples))
+    if result.measured:
+        record["measured"] = {**result.measured, "dense_passes": result.measured["layer_tokens"]
+                              / bench.calibration_tokens(seed, nsamples)}
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, f"{bench.name}.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")

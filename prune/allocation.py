@@ -62,8 +62,12 @@ def depth_weights(scores, scheme):
     geometrically with depth in a decoder (heads: the error of keeping none; neurons: the mean
     pivot. The authors' decoder rule fits the first pivot instead: see `faithful`).
     'none': no weighting.
+    A pair of arrays (for attention units, for neurons) is taken as the weights themselves
+    (`--allocation measured`: prune/search.py's measured_weights).
     """
     L = len(scores)
+    if isinstance(scheme, tuple):
+        return tuple(np.asarray(w, dtype=float) for w in scheme)
     if scheme == "none":
         ones = np.ones(L)
         return ones, ones

@@ -303,6 +303,46 @@ def search(fitness, attn_units, neurons, budget_tokens, seed=0, width_multiple=1
     return result
 
 
+def measured_weights(fitness, scores, attn_units, neurons, kinds=("attn", "neuron"), progress=True):
+    """`--allocation measured`: per layer, the weights (for attention units, for neurons) under
+    which a block's price at the start's width k is its measured cost to the whole model:
+    w² e(k)² = KL(dense ‖ the dense model with that block alone pruned to k), with e the ID's error
+    curve of pass 1 (`scores`). The knapsack then reads each block's curve, shaped by its ID,
+    at the scale of the model's error, in place of a depth weighting. A block the start keeps
+    whole or empties is measured at the share of its kind the start keeps overall, with at least
+    one unit removed (and one kept, where it has two). Returns (w_attn, w_neuron, a record: the KL of every block
+    measured, at which width, and the forward work spent in layer-tokens)."""
+    start_time = time.perf_counter()
+    full = {"attn": list(fitness.db.full[0]), "neuron": list(fitness.db.full[1])}
+    start = {"attn": list(attn_units), "neuron": list(neurons)}
+    windows = len(fitness.tokens)
+    _, states = fitness.score(full["attn"], full["neuron"], 0, windows, keep=True)
+    fitness.set_parent(states)  # the dense model's states: a block's candidate runs from its layer on
+    weights = {kind: np.zeros(len(scores)) for kind in full}
+    record = {"kl": {}, "width": {}}
+    blocks = [(kind, l) for kind in kinds for l in range(len(scores)) if full[kind][l] > 0]
+    for kind, l in tqdm(blocks, desc="measured prices", disable=not progress):
+        k = probe_width(start[kind][l], full[kind][l], sum(start[kind]) / sum(full[kind]))
+        widths = {name: list(full[name]) for name in full}
+        widths[kind][l] = k
+        kl = max(0.0, fitness.score(widths["attn"], widths["neuron"], l, windows)[0])
+        errors = scores[l].attn_errors if kind == "attn" else scores[l].neuron_errors
+        weights[kind][l] = np.sqrt(kl) / errors[k] if errors[k] > 0 else 0.0
+        record["kl"].setdefault(kind, [None] * len(scores))[l] = kl
+        record["width"].setdefault(kind, [None] * len(scores))[l] = k
+    fitness.set_parent(fitness.first_inputs)
+    record.update(layer_tokens=fitness.layer_tokens, seconds=time.perf_counter() - start_time)
+    return weights["attn"], weights["neuron"], record
+
+
+def probe_width(width, full, share):
+    """Where a block's cost is measured: its start width, unless that keeps it whole or empties
+    it; then `share` of its units, at least one removed (and one kept, where it has two)."""
+    if 0 < width < full:
+        return width
+    return int(min(full - 1, max(1, round(share * full))))
+
+
 # ---------------------------------------------------------------------------------------------
 # Widths saved and read back (--save_widths, --widths)
 

@@ -29,7 +29,7 @@ import torch
 from prerequisites.layerwise import capture_inputs, each_layer
 from prune.allocation import ALLOCATORS, LayerScores, round_neurons
 from prune.interpolative import FACTORS, expand_groups, resolve_factor
-from prune.search import Fitness, LevelDatabase, search as search_widths, widths_problem
+from prune.search import Fitness, LevelDatabase, measured_weights, search as search_widths, widths_problem
 from prune.units import PRICE_FOLDS, TARGETS, MagnitudePruner, UnitPruner
 
 # every pruning method, the one list the flags offer: stat and magnitude run through
@@ -55,6 +55,9 @@ DENSE_TARGET_CALIBRATIONS = ("sequential", "dense_ffn")
 # fold b mod PRICE_FOLDS), each priced by the ID fitted on the others: the error each truncation will
 # really leave on data it was not fitted on (pass 1 then scores every batch)
 PRICINGS = ("insample", "heldout")
+# allocations judged on the whole model's output, from pass 1's IDs (prune/search.py): they need
+# SearchSettings (the held-out batches, the start allocator; search also its budget)
+END_TO_END = ("search", "measured")
 
 
 class CalibrationWarning(UserWarning):
@@ -70,6 +73,7 @@ class PruneResult:
     seconds: float = 0.0
     factor: str = ""  # who computed the pivoted Cholesky factorisations: torch or lapack
     search: object = None  # the SearchResult of --allocation search
+    measured: dict = None  # what --allocation measured measured (prune.search.measured_weights)
 
 
 def attn_pruner(adapter, layer, sketch=None, target="self", price_folds=0, factor="lapack"):
@@ -349,7 +353,9 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     pass 1 where the calibration does not prune from its IDs; they must fit the budget.
     search: with allocation 'search', a prune.search.SearchSettings: the widths of its start
     allocator searched against the whole model (prune/search.py), from pass 1's IDs, before
-    pass 2 prunes at them.
+    pass 2 prunes at them. With allocation 'measured', the same settings (not the budget): the
+    start allocator's knapsack again, with each block's prices scaled to its measured KL
+    (prune.search.measured_weights).
     `magnitude` never corrects.
     """
     if method not in METHODS or method == "kwon":
@@ -357,10 +363,12 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
     if calibration not in CALIBRATIONS:
         raise ValueError(f"unknown calibration {calibration!r}: choose from {', '.join(CALIBRATIONS)}")
     allocation = allocation or adapter.default_allocation
-    if allocation not in ALLOCATORS and allocation != "search":
-        raise ValueError(f"unknown allocation {allocation!r}: choose from {', '.join(ALLOCATORS)}, search")
-    if (allocation == "search") != (search is not None):
-        raise ValueError("allocation 'search' needs its SearchSettings, and only it")
+    if allocation not in ALLOCATORS and allocation not in END_TO_END:
+        raise ValueError(f"unknown allocation {allocation!r}: choose from {', '.join([*ALLOCATORS, *END_TO_END])}")
+    if (allocation in END_TO_END) != (search is not None):
+        raise ValueError("allocations 'search' and 'measured' need their SearchSettings, and only they")
+    if allocation == "measured" and search.start not in ("greedy", "ffn_greedy"):
+        raise ValueError(f"allocation 'measured' weighs a knapsack's prices (greedy, ffn_greedy), not {search.start!r}")
     problem = widths is not None and widths_problem(widths, adapter.shape(model), costs, mu)
     if problem:
         raise ValueError(f"widths: {problem}")
@@ -384,7 +392,7 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
                       RuntimeWarning, stacklevel=2)
     every_batch = keep or pricing == "heldout"
     allocator = search.start if search else allocation
-    scores, pruners, found = [], None, None
+    scores, pruners, found, measured = [], None, None, None
     if widths is None or keep:
         inputs = capture_inputs(model, adapter, batches if every_batch else spread_subset(batches, score_fraction),
                                 device)
@@ -409,11 +417,19 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
                                     weighting or adapter.depth_weighting)
     if search:
         if store is not None:
-            raise ValueError("allocation 'search' keeps the model in memory: not with a LayerStore (--low_memory)")
+            raise ValueError(f"allocation {allocation!r} keeps the model in memory: not with a LayerStore (--low_memory)")
         fitness = Fitness(model, adapter, LevelDatabase(model, adapter, pruners), search.batches, device)
-        found = search_widths(fitness, attn_units, neurons, search.budget_tokens, search.seed, width_multiple,
-                              progress=progress)
-        attn_units, neurons = found.attn_units, found.neurons
+        if allocation == "measured":
+            kinds = ("neuron",) if keeps_every_head(model, adapter, allocator, costs, mu) else ("attn", "neuron")
+            *weights, measured = measured_weights(fitness, scores, attn_units, neurons, kinds, progress)
+            attn_units, neurons = ALLOCATORS[allocator](scores, attn_cost, neuron_cost, mu, tuple(weights))
+            if width_multiple > 1:
+                neurons = round_neurons(scores, attn_units, neurons, attn_cost, neuron_cost, mu, width_multiple,
+                                        tuple(weights))
+        else:
+            found = search_widths(fitness, attn_units, neurons, search.budget_tokens, search.seed, width_multiple,
+                                  progress=progress)
+            attn_units, neurons = found.attn_units, found.neurons
         del fitness
     if method == "magnitude":
         prune_from_pruners(model, adapter, attn_units, neurons, lambda l, layer: magnitude_pruners(adapter, layer),
@@ -436,5 +452,5 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
                          store=store, correction=correction, **block_options)
     return PruneResult(attn_units=list(attn_units), neurons=list(neurons), scores=scores,
                        allocation="widths" if widths is not None else allocation,
-                       seconds=time.perf_counter() - start, factor=factor, search=found)
+                       seconds=time.perf_counter() - start, factor=factor, search=found, measured=measured)
 

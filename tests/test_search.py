@@ -15,7 +15,9 @@ import prune_opt
 import tiny
 from prerequisites.adapters import adapter_for
 from prerequisites.layerwise import capture_inputs
-from prune.search import Fitness, LevelDatabase, load_widths, mutate, save_widths, search, widths_problem
+from prune.allocation import LayerScores, greedy
+from prune.search import (Fitness, LevelDatabase, SearchSettings, load_widths, measured_weights, mutate, probe_width,
+                          save_widths, search, widths_problem)
 from prune.stat import measure_dense, stat_prune
 from tiny import one_thread  # noqa: F401 (a fixture)
 from utils.cli import run_main
@@ -147,6 +149,56 @@ def test_search_never_worse_than_its_start_and_reproducible(setting):
     fresh = fitness_of(setting)
     assert fresh.score(found.attn_units, found.neurons, 0, 4)[0] == pytest.approx(found.fitness, rel=1e-6)
     assert fresh.score(*start, 0, 4)[0] == pytest.approx(found.start_fitness, rel=1e-6)
+
+
+def test_measured_weights_give_each_block_its_own_kl(setting):
+    """w² e(k)² is the KL of the dense model with that block alone pruned to the start's width k
+    (run from layer 0 by a fresh Fitness, not from the dense states the measurement keeps); a
+    block the start keeps whole is measured at the share of its kind kept overall."""
+    model, adapter, _, pruners, held_out = setting
+    rng = np.random.default_rng(0)
+    scores = [LayerScores(np.sort(rng.random(3))[::-1] * [1, 1, 0], np.ones(64), np.linspace(2, 0, 65))
+              for _ in range(3)]
+    start = ([1, 2, 2], [64, 20, 33])  # layer 0's FFN whole: measured at 117/192 of 64 = 39
+    w_attn, w_neuron, record = measured_weights(fitness_of(setting), scores, *start, progress=False)
+    assert record["width"] == {"attn": [1, 1, 1], "neuron": [39, 20, 33]}
+    fresh = fitness_of(setting)
+    for kind, w in (("attn", w_attn), ("neuron", w_neuron)):
+        for l in range(3):
+            k = record["width"][kind][l]
+            widths = [[2, 2, 2], [64, 64, 64]]
+            widths[kind == "neuron"][l] = k
+            kl = fresh.score(*widths, 0, len(held_out))[0]
+            error = (scores[l].attn_errors if kind == "attn" else scores[l].neuron_errors)[k]
+            assert kl > 0 and (w[l] * error) ** 2 == pytest.approx(kl, rel=1e-5, abs=1e-9)
+            assert record["kl"][kind][l] == pytest.approx(kl, rel=1e-5, abs=1e-9)
+
+
+def test_probe_width():
+    assert probe_width(20, 64, 0.5) == 20
+    assert probe_width(64, 64, 0.5) == 32 and probe_width(0, 64, 0.5) == 32
+    assert probe_width(64, 64, 1.0) == 63 and probe_width(0, 64, 0.0) == 1
+    assert probe_width(1, 1, 1.0) == 0  # a block of one unit: removed
+
+
+def test_measured_allocation_end_to_end(setting):
+    """stat_prune with allocation 'measured': within the budget, the start's knapsack with the
+    measured weights, and the record of what was measured."""
+    model, adapter, calibration, _, held_out = setting
+    pruned = copy.deepcopy(model)
+    settings = SearchSettings(held_out, 0.0, 0, "greedy")
+    result = stat_prune(pruned, adapter_for(pruned), calibration, (100.0, 1.0), 0.6, "cpu", allocation="measured",
+                        search=settings, calibration="one_shot", progress=False)
+    assert result.allocation == "measured" and result.search is None
+    assert sum(result.attn_units) * 100 + sum(result.neurons) <= 0.6 * (600 + 192) + 1e-9
+    w_attn = [np.sqrt(kl) / s.attn_errors[k] for kl, k, s in zip(result.measured["kl"]["attn"],
+                                                                   result.measured["width"]["attn"], result.scores)]
+    w_neuron = [np.sqrt(kl) / s.neuron_errors[k] for kl, k, s in zip(result.measured["kl"]["neuron"],
+                                                                       result.measured["width"]["neuron"], result.scores)]
+    assert (result.attn_units, result.neurons) == tuple(greedy(result.scores, 100.0, 1.0, 0.6, (w_attn, w_neuron)))
+    with pytest.raises(ValueError, match="knapsack"):
+        stat_prune(copy.deepcopy(model), adapter, calibration, (100.0, 1.0), 0.6, "cpu", allocation="measured",
+                   search=SearchSettings(held_out, 0.0, 0, "faithful"), progress=False)
 
 
 def test_widths_files(tmp_path):

@@ -154,7 +154,8 @@ def test_search_never_worse_than_its_start_and_reproducible(setting):
 def test_measured_weights_give_each_block_its_own_kl(setting):
     """w² e(k)² is the KL of the dense model with that block alone pruned to the start's width k
     (run from layer 0 by a fresh Fitness, not from the dense states the measurement keeps); a
-    block the start keeps whole is measured at the share of its kind kept overall."""
+    block the start keeps whole, or keeps more of than the share of its kind kept overall, is
+    measured at that share."""
     model, adapter, _, pruners, held_out = setting
     rng = np.random.default_rng(0)
     scores = [LayerScores(np.sort(rng.random(3))[::-1] * [1, 1, 0], np.ones(64), np.linspace(2, 0, 65))
@@ -175,10 +176,9 @@ def test_measured_weights_give_each_block_its_own_kl(setting):
 
 
 def test_probe_width():
-    assert probe_width(20, 64, 0.5) == 20
-    assert probe_width(64, 64, 0.5) == 32 and probe_width(0, 64, 0.5) == 32
-    assert probe_width(64, 64, 1.0) == 63 and probe_width(0, 64, 0.0) == 1
-    assert probe_width(1, 1, 1.0) == 0  # a block of one unit: removed
+    assert probe_width(20, 64, 0.5) == 20 and probe_width(40, 64, 0.5) == 32
+    assert probe_width(64, 64, 0.5) == 32 and probe_width(0, 64, 0.5) == 0
+    assert probe_width(64, 64, 1.0) == 63 and probe_width(1, 1, 1.0) == 0  # at least one unit removed
 
 
 def test_measured_allocation_end_to_end(setting):

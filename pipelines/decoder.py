@@ -25,7 +25,7 @@ from prerequisites.hub import resolve_checkpoint
 from prerequisites.streaming import load_streamed
 from pipelines.flags import SEARCH_PASSES, describe_correction, search_lines, search_record, sketch_of, sketch_record
 from prune.search import SearchSettings, load_widths, save_widths
-from prune.stat import stat_prune
+from prune.stat import END_TO_END, stat_prune
 from quantize.sequential import quantize_model
 from quantize.storage import QUANTIZED, is_quantized, save_quantized, weights_size_mb
 from utils.cache import DenseCache, fingerprint
@@ -186,9 +186,10 @@ def run_settings(args, device):
 
 
 def search_settings(args, tokenizer, seqlen):
-    """--allocation search: its fitness windows (the --search_windows windows of the calibration
-    corpus drawn after the calibration windows, with the same seed), budget and start; else None."""
-    if args.allocation != "search":
+    """--allocation search or measured: its fitness windows (the --search_windows windows of the
+    calibration corpus drawn after the calibration windows, with the same seed), budget and start;
+    else None."""
+    if args.allocation not in END_TO_END:
         return None
     windows = lm.calibration_windows(args.calib_task, tokenizer, args.nsamples + args.search_windows, seqlen,
                                      args.seed, args.data_dir)[args.nsamples:]
@@ -206,7 +207,7 @@ def prune_and_report(args, knobs, device, model, adapter, tokenizer, windows, ca
     prices = unit_prices(adapter, dense_shape, seqlen, "decoder")
     widths = load_widths(args.widths, dense_shape, prices[args.mac_split], args.mu) if args.widths else None
     ppl_dense, dense_cached = dense_perplexities(args, model, adapter, windows, device, store)
-    allocation = factor = found = search = None
+    allocation = factor = result = search = None
     start = time.perf_counter()
     if args.mu < 1.0:
         search = search_settings(args, tokenizer, seqlen)
@@ -219,7 +220,7 @@ def prune_and_report(args, knobs, device, model, adapter, tokenizer, windows, ca
                             pricing=args.pricing, factor=args.factor, width_multiple=args.width_multiple,
                             more_tokens=lambda growth: f"--nsamples {math.ceil(args.nsamples * growth)} "
                                                        f"at --seqlen {seqlen}")
-        allocation, factor, found = result.allocation, result.factor, result.search
+        allocation, factor = result.allocation, result.factor
     prune_seconds = time.perf_counter() - start
     if args.save_widths:
         attn_units, neurons = adapter.shape(model)
@@ -239,7 +240,7 @@ def prune_and_report(args, knobs, device, model, adapter, tokenizer, windows, ca
         "ppl_dense": ppl_dense, "ppl_pruned": ppl_pruned, "dense_cached": dense_cached,
         "heads_per_layer": attn_units, "neurons_per_layer": neurons,
         "params_dense": params_dense, "params_pruned": count_parameters(model), "prune_seconds": prune_seconds,
-        "low_memory": args.low_memory, **search_record(found, search, args.nsamples * seqlen),
+        "low_memory": args.low_memory, **search_record(result, search, args.nsamples * seqlen),
     }
 
 

@@ -16,7 +16,7 @@ from prerequisites.checkpoint import checkpoint_identity, load_config, load_mode
 from prerequisites.hub import resolve_checkpoint
 from prune.kwon import kwon_prune
 from prune.search import SearchSettings, load_widths, save_widths
-from prune.stat import stat_prune
+from prune.stat import END_TO_END, stat_prune
 from utils.cache import DenseCache
 from utils.cli import resolve_device, set_seed
 from utils.errors import UserError
@@ -98,7 +98,7 @@ def prune(args):
     search = calibration_tokens = None
     if not kwon:
         calibration_tokens = sum(len(item["input_ids"]) for item in calibration_sample)
-    if args.allocation == "search":
+    if args.allocation in END_TO_END:
         held_out = task.search_batches(model, args.search_examples, args.seed, n_calibration, args.sampler)
         search = SearchSettings(held_out, args.search_tokens or SEARCH_PASSES * calibration_tokens, args.seed,
                                 protocol.default(protocol.ENCODER, "allocation", args.protocol))
@@ -140,7 +140,7 @@ def prune(args):
         "prune_seconds": result.seconds, "latency_batch": int(latency_batch["input_ids"].shape[0]),
         "latency_dense_ms": latency_dense, "latency_pruned_ms": measure_latency(model, latency_batch, device),
         "device": str(device), "time": now(), **provenance(args.command),
-        **search_record(None if kwon else result.search, search, calibration_tokens),
+        **search_record(None if kwon else result, search, calibration_tokens),
     }
     if args.save_model:
         save_pruned(model, args.save_model, tokenizer)

@@ -10,7 +10,7 @@ from efficiency.macs import MAC_SPLITS
 from pipelines import protocol
 from prune.allocation import ALLOCATORS
 from prune.gram import SKETCHES, Sketch
-from prune.stat import CALIBRATIONS, CORRECTIONS, DENSE_TARGET_CALIBRATIONS, FACTORS, METHODS, PRICINGS
+from prune.stat import CALIBRATIONS, CORRECTIONS, DENSE_TARGET_CALIBRATIONS, END_TO_END, FACTORS, METHODS, PRICINGS
 from quantize.gptq import check_groupsize
 from utils.cli import (ArgumentParser, existing_dir, fraction_value, mu_value, output_dir, output_file, positive_int,
                        seed_value)
@@ -40,11 +40,12 @@ def add_stat_arguments(p):
                    help="stat: interpolative decompositions with corrections; magnitude: same allocation, "
                         "units ranked by weight norms, no correction; kwon: Kwon et al. 2022 (Fisher importance "
                         "of a task loss, mask search, rearrangement and tuning; prune_bert.py only)")
-    p.add_argument("--allocation", choices=[*ALLOCATORS, "search"],
+    p.add_argument("--allocation", choices=[*ALLOCATORS, *END_TO_END],
                    help="[protocol] how the MAC budget is shared across layers: greedy (error removed per MAC; "
                         "improved, encoders), ffn_greedy (all heads kept; improved, decoders), faithful (the "
-                        "authors' rule, literally; paper), uniform; search (decoders): the protocol's widths "
-                        "searched against the whole model's KL to the dense model (--search_tokens, docs/search.md)")
+                        "authors' rule, literally; paper), uniform; search: the protocol's widths searched against "
+                        "the whole model's KL to the dense model (--search_tokens); measured: the protocol's "
+                        "knapsack with each block's prices scaled to the KL of pruning it alone (docs/search.md)")
     p.add_argument("--calibration", choices=CALIBRATIONS,
                    help="[protocol] where the IDs are measured: sequential (improved): each layer's on the pruned "
                         "layers below; dense_ffn: FFN IDs from the dense model; one_shot (paper, decoders): all "
@@ -95,13 +96,14 @@ def add_search_arguments(p, encoder=False):
                         "the calibration tokens")
     if encoder:
         p.add_argument("--search_examples", type=positive_int, default=SEARCH_EXAMPLES, metavar="N",
-                       help="--allocation search: training examples that the calibration sample does not draw, "
-                            "on which a candidate's KL to the dense model's class distribution is measured "
-                            f"(default {SEARCH_EXAMPLES})")
+                       help="--allocation search or measured: training examples that the calibration sample "
+                            "does not draw, on which a candidate's KL to the dense model's class distribution is "
+                            f"measured (default {SEARCH_EXAMPLES})")
     else:
         p.add_argument("--search_windows", type=positive_int, default=8, metavar="N",
-                       help="--allocation search: windows of the calibration corpus, drawn after the calibration "
-                            "windows and held out of the IDs' fit, on which a candidate's KL is measured (default 8)")
+                       help="--allocation search or measured: windows of the calibration corpus, drawn after "
+                            "the calibration windows and held out of the IDs' fit, on which a candidate's KL is "
+                            "measured (default 8)")
     p.add_argument("--widths", metavar="FILE",
                    help="prune to these widths (a JSON object with heads_per_layer and neurons_per_layer: a "
                         "--save_widths file, or a run's record) instead of allocating; they must fit mu")
@@ -111,15 +113,20 @@ def add_search_arguments(p, encoder=False):
 
 def check_search_arguments(p, args):
     """One-line errors (exit 2) for the search and widths flags that cannot work as given."""
-    search = args.allocation == "search"
-    given = [f"--{flag}" for flag in ("search_tokens", "search_windows", "search_examples")
+    search = args.allocation in END_TO_END
+    if args.search_tokens is not None and args.allocation != "search":
+        p.error("--search_tokens applies to --allocation search")
+    given = [f"--{flag}" for flag in ("search_windows", "search_examples")
              if getattr(args, flag, None) != p.get_default(flag)]
     if given and not search:
-        p.error(f"{', '.join(given)} apply to --allocation search")
+        p.error(f"{', '.join(given)} apply to --allocation search or measured")
     if search and args.method != "stat":
-        p.error("--allocation search builds its candidates from STAT's IDs: --method stat only")
+        p.error(f"--allocation {args.allocation} builds its candidates from STAT's IDs: --method stat only")
     if search and getattr(args, "low_memory", False):
-        p.error("--allocation search keeps the dense model's layers in memory: not with --low_memory")
+        p.error(f"--allocation {args.allocation} keeps the dense model's layers in memory: not with --low_memory")
+    if args.allocation == "measured" and args.protocol == "paper":
+        p.error("--allocation measured scales the knapsack's prices (the improved protocol's allocators), "
+                "not the paper protocol's faithful rule")
     if args.widths is not None:
         if args.method == "kwon":
             p.error("--widths prunes with --method stat or magnitude, not kwon")
@@ -129,13 +136,24 @@ def check_search_arguments(p, args):
             p.error(f"--widths: no such file: {args.widths}")
 
 
-def search_record(found, settings, calibration_tokens):
-    """The run record's "search" (none without --allocation search)."""
-    return {"search": found.record(settings, calibration_tokens)} if found is not None else {}
+def search_record(result, settings, calibration_tokens):
+    """The run record's "search" or "measured" (neither with another allocation), from a PruneResult."""
+    if result is None or settings is None:
+        return {}
+    if result.search is not None:
+        return {"search": result.search.record(settings, calibration_tokens)}
+    held_out = sum(len(batch["input_ids"]) for batch in settings.batches)
+    return {"measured": {**result.measured, "start": settings.start, "windows": held_out,
+                         "dense_passes": result.measured["layer_tokens"] / calibration_tokens}}
 
 
 def search_lines(record, held_out):
     """The results block's line on the search; held_out names what it was judged on (windows, examples)."""
+    if "measured" in record:
+        m = record["measured"]
+        return [f"measured prices: the KL to dense of each block alone pruned ({m['start']}), on {m['windows']} "
+                f"held-out {held_out}, {m['dense_passes']:.1f} dense passes of the calibration tokens, "
+                f"{m['seconds']:.0f} s"]
     if "search" not in record:
         return []
     s = record["search"]

@@ -196,10 +196,10 @@ def pivoted_factor(G, relative_ridge=RIDGE, factor="lapack", stop_after=None, ov
     """Greedy column order and R factor of G + ridge·I (the pivoted QR of A, from G only).
 
     factor: 'lapack' (scipy's dpstrf, on the host) or 'torch' (torch_pivoted_cholesky, where G
-    lies). overwrite: G may be factored where it lies (else a copy is). With the ridge added every pivot is at least the ridge in exact
-    arithmetic, so the factorisation goes on until then; should rounding stop it earlier (a
-    Gram of fewer tokens than units, with a huge dynamic range), the columns left carry no
-    information and get the factor of the ridge alone.
+    lies). overwrite: G may be factored where it lies (else a copy is). With the ridge added
+    every pivot is at least the ridge in exact arithmetic, so the factorisation goes on until
+    then; should rounding stop it earlier (a Gram of fewer tokens than units, with a huge
+    dynamic range), the columns left carry no information and get the factor of the ridge alone.
     stop_after: (torch) only the first k pivots; R[k:, k:] is then the Schur complement left,
     not a factor: enough for coefficients(k), not for errors().
     """

@@ -309,8 +309,9 @@ def measured_weights(fitness, scores, attn_units, neurons, kinds=("attn", "neuro
     w² e(k)² = KL(dense ‖ the dense model with that block alone pruned to k), with e the ID's error
     curve of pass 1 (`scores`). The knapsack then reads each block's curve, shaped by its ID,
     at the scale of the model's error, in place of a depth weighting. The width k is probe_width's:
-    the start's, or the share of its kind the start keeps overall where that is smaller. Returns (w_attn, w_neuron, a record: the KL of every block
-    measured, at which width, and the forward work spent in layer-tokens)."""
+    the start's, or the share of its kind the start keeps overall where that is smaller. Returns
+    (w_attn, w_neuron, a record: the KL of every block measured, at which width, and the forward
+    work spent in layer-tokens)."""
     start_time = time.perf_counter()
     full = {"attn": list(fitness.db.full[0]), "neuron": list(fitness.db.full[1])}
     start = {"attn": list(attn_units), "neuron": list(neurons)}

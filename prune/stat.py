@@ -417,7 +417,8 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
                                     weighting or adapter.depth_weighting)
     if search:
         if store is not None:
-            raise ValueError(f"allocation {allocation!r} keeps the model in memory: not with a LayerStore (--low_memory)")
+            raise ValueError(f"allocation {allocation!r} keeps the model in memory: "
+                             "not with a LayerStore (--low_memory)")
         fitness = Fitness(model, adapter, LevelDatabase(model, adapter, pruners), search.batches, device)
         if allocation == "measured":
             kinds = ("neuron",) if keeps_every_head(model, adapter, allocator, costs, mu) else ("attn", "neuron")

@@ -191,10 +191,9 @@ def test_measured_allocation_end_to_end(setting):
                         search=settings, calibration="one_shot", progress=False)
     assert result.allocation == "measured" and result.search is None
     assert sum(result.attn_units) * 100 + sum(result.neurons) <= 0.6 * (600 + 192) + 1e-9
-    w_attn = [np.sqrt(kl) / s.attn_errors[k] for kl, k, s in zip(result.measured["kl"]["attn"],
-                                                                   result.measured["width"]["attn"], result.scores)]
-    w_neuron = [np.sqrt(kl) / s.neuron_errors[k] for kl, k, s in zip(result.measured["kl"]["neuron"],
-                                                                       result.measured["width"]["neuron"], result.scores)]
+    kl, width = result.measured["kl"], result.measured["width"]
+    w_attn = [np.sqrt(x) / s.attn_errors[k] for x, k, s in zip(kl["attn"], width["attn"], result.scores)]
+    w_neuron = [np.sqrt(x) / s.neuron_errors[k] for x, k, s in zip(kl["neuron"], width["neuron"], result.scores)]
     assert (result.attn_units, result.neurons) == tuple(greedy(result.scores, 100.0, 1.0, 0.6, (w_attn, w_neuron)))
     with pytest.raises(ValueError, match="knapsack"):
         stat_prune(copy.deepcopy(model), adapter, calibration, (100.0, 1.0), 0.6, "cpu", allocation="measured",
@@ -255,8 +254,29 @@ def test_search_end_to_end_and_widths_round_trip(tiny_checkpoints, data, tmp_pat
     assert again["ppl_pruned"]["text"] == pytest.approx(searched["ppl_pruned"]["text"], rel=1e-6)
 
 
+def check_measured(record, start, held_out, blocks, mu, results_txt):
+    """A script's record of --allocation measured and its line in the results block."""
+    m = record["measured"]
+    assert record["allocation"] == "measured" and m["start"] == start and m["windows"] == held_out
+    assert "search" not in record and 0 < record["mac_ratio"] <= mu and m["dense_passes"] > 0
+    assert sum(kl is not None and kl > 0 for kind in m["kl"].values() for kl in kind) == blocks
+    assert "measured prices: the KL to dense" in open(results_txt).read()
+
+
+def test_measured_end_to_end(tiny_checkpoints, data, tmp_path):
+    """prune_opt.py --allocation measured: every FFN measured (ffn_greedy keeps every head at μ 0.6)."""
+    out = str(tmp_path / "out")
+    record = prune_opt.main(prune_argv(tiny_checkpoints, data, out, "--allocation", "measured",
+                                       "--search_windows", "2"))
+    check_measured(record, "ffn_greedy", 2, 3, 0.6, os.path.join(out, "opt", "tiny-llama.txt"))
+    assert set(record["measured"]["kl"]) == {"neuron"}
+
+
 @pytest.mark.parametrize("more,expected", [
-    (["--search_tokens", "100"], "apply to --allocation search"),
+    (["--search_tokens", "100"], "applies to --allocation search"),
+    (["--allocation", "measured", "--search_tokens", "100"], "applies to --allocation search"),
+    (["--allocation", "measured", "--protocol", "paper"], "not the paper protocol's faithful rule"),
+    (["--allocation", "measured", "--low_memory"], "not with --low_memory"),
     (["--allocation", "search", "--method", "magnitude"], "--method stat only"),
     (["--allocation", "search", "--low_memory"], "not with --low_memory"),
     (["--widths", "/no/such/file"], "no such file"),
@@ -331,6 +351,14 @@ def test_encoder_search_end_to_end_and_widths_round_trip(tiny_checkpoints, senti
     again = prune_bert.main(bert_argv(tiny_checkpoints, sentiment, out, "--widths", widths))
     assert again["allocation"] == "widths" and "search" not in again
     assert again["metrics"]["pruned"] == searched["metrics"]["pruned"]
+
+
+def test_encoder_measured_end_to_end(tiny_checkpoints, sentiment, tmp_path):
+    """prune_bert.py --allocation measured: greedy's heads and neurons, each block measured."""
+    out = str(tmp_path / "out")
+    record = prune_bert.main(bert_argv(tiny_checkpoints, sentiment, out, "--allocation", "measured",
+                                       "--search_examples", "24"))
+    check_measured(record, "greedy", 24, 6, 0.5, os.path.join(out, "tiny-bert", "movie-sentiment.txt"))
 
 
 def test_encoder_search_data_is_held_out_of_the_calibration(sentiment):

@@ -61,7 +61,7 @@ from evaluate.inputs import accepted_inputs  # noqa: E402
 from evaluate.perplexity import perplexity  # noqa: E402
 from prerequisites.adapters import adapter_for  # noqa: E402
 from prerequisites.checkpoint import load_model, load_tokenizer  # noqa: E402
-from pipelines.flags import SEARCH_EXAMPLES  # noqa: E402
+from pipelines.flags import SEARCH_EXAMPLES, search_record  # noqa: E402
 from prune.gram import Sketch  # noqa: E402
 from prune.search import SearchSettings  # noqa: E402
 from prune.stat import stat_prune  # noqa: E402
@@ -100,10 +100,9 @@ def parse_variant(name):
         elif key == "sf":
             options["score_fraction"] = float(value)
         elif key == "search":
-            options["search"] = float(value)  # dense passes; made into SearchSettings per run below
+            options["search"] = ("search", float(value))  # dense passes; made into SearchSettings per run below
         elif part == "measured":
-            options["search"] = 0.0  # --allocation measured: the search's held-out data, no budget
-            options["measured"] = True
+            options["search"] = ("measured", 0.0)  # the search's held-out data, no budget
         elif key == "sx":
             options["search_examples"] = int(value)
 
@@ -295,8 +294,8 @@ def run(bench, variant, mu, seed):
     examples = options.pop("search_examples", SEARCH_EXAMPLES)
     if "search" in options:
         start = options.get("allocation") or bench.adapter.default_allocation
-        options.update(allocation="measured" if options.pop("measured", False) else "search",
-                       search=bench.search_settings(seed, nsamples, options["search"], start, examples))
+        allocation, passes = options["search"]
+        options.update(allocation=allocation, search=bench.search_settings(seed, nsamples, passes, start, examples))
     model = copy.deepcopy(bench.dense)
     result = stat_prune(model, bench.adapter, bench.calibration(seed, nsamples), bench.costs, mu, "cpu",
                         progress=False, **options)
@@ -307,11 +306,7 @@ def run(bench, variant, mu, seed):
               "dense": bench.dense_metrics, "mac_ratio": ratio, "prune_seconds": result.seconds,
               "forward_seconds": bench.forward_seconds, "attn_units": result.attn_units,
               "neurons": result.neurons}
-    if result.search:
-        record["search"] = result.search.record(options["search"], bench.calibration_tokens(seed, nsamples))
-    if result.measured:
-        record["measured"] = {**result.measured, "dense_passes": result.measured["layer_tokens"]
-                              / bench.calibration_tokens(seed, nsamples)}
+    record.update(search_record(result, options.get("search"), bench.calibration_tokens(seed, nsamples)))
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, f"{bench.name}.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -404,17 +404,21 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
                                         price_folds=folds, attn=attn, **block_options)
         del inputs
     attn_cost, neuron_cost = costs
-    if widths is not None:
-        attn_units, neurons = (list(w) for w in widths)
-    else:
+
+    def allocate(weighting):
+        """The allocator's widths under this depth weighting (a name, or the weights themselves)."""
         options = {}
         if allocator == "faithful":
             options = {"variant": "opt" if adapter.is_decoder else "bert", "neuron_share": neuron_share}
-        attn_units, neurons = ALLOCATORS[allocator](scores, attn_cost, neuron_cost, mu,
-                                                    weighting or adapter.depth_weighting, **options)
+        units, counts = ALLOCATORS[allocator](scores, attn_cost, neuron_cost, mu, weighting, **options)
         if width_multiple > 1:
-            neurons = round_neurons(scores, attn_units, neurons, attn_cost, neuron_cost, mu, width_multiple,
-                                    weighting or adapter.depth_weighting)
+            counts = round_neurons(scores, units, counts, attn_cost, neuron_cost, mu, width_multiple, weighting)
+        return units, counts
+
+    if widths is not None:
+        attn_units, neurons = (list(w) for w in widths)
+    else:
+        attn_units, neurons = allocate(weighting or adapter.depth_weighting)
     if search:
         if store is not None:
             raise ValueError(f"allocation {allocation!r} keeps the model in memory: "
@@ -423,10 +427,7 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
         if allocation == "measured":
             kinds = ("neuron",) if keeps_every_head(model, adapter, allocator, costs, mu) else ("attn", "neuron")
             *weights, measured = measured_weights(fitness, scores, attn_units, neurons, kinds, progress)
-            attn_units, neurons = ALLOCATORS[allocator](scores, attn_cost, neuron_cost, mu, tuple(weights))
-            if width_multiple > 1:
-                neurons = round_neurons(scores, attn_units, neurons, attn_cost, neuron_cost, mu, width_multiple,
-                                        tuple(weights))
+            attn_units, neurons = allocate(tuple(weights))
         else:
             found = search_widths(fitness, attn_units, neurons, search.budget_tokens, search.seed, width_multiple,
                                   progress=progress)

@@ -4,6 +4,7 @@ A task loads (and checks) all its data when it is made, so that bad input fails 
 model work starts.
 """
 
+import functools
 import sys
 
 import numpy as np
@@ -173,15 +174,36 @@ class SquadTask:
         return [accepted_inputs(model, squad.collate(chunk, self.tokenizer.pad_token_id))
                 for chunk in squad.batches(sample, self.batch_size)]
 
-    def search_batches(self, model, n, seed, calibration_n, sampler="distinct", batches=8):
-        raise UserError("--allocation search judges a classifier's class distribution: not a SQuAD model yet")
+    def search_batches(self, model, n, seed, calibration_n, sampler="distinct", batches=8, chunk=1000):
+        """--allocation search's data: n training features of examples that the calibration
+        sample (calibration_n, seed, sampler) draws no feature of, seeded, in `batches` batches:
+        the first n features of those examples taken in a random order of their own."""
+        used = {f["example_index"] for f in self.calibration_sample(calibration_n, seed, sampler)}
+        # a stream of its own ([seed, 22]), so the order never repeats the calibration sample's
+        free = [int(i) for i in np.random.default_rng([seed, 22]).permutation(len(self.train)) if int(i) not in used]
+        features = []
+        for start in range(0, len(free), chunk):
+            features += squad.prepare_train_features([self.train[i] for i in free[start:start + chunk]], self.tokenizer)
+            if len(features) >= n:
+                break
+        if n > len(features):
+            raise UserError(f"--search_examples {n}: the training set has {len(features)} features besides the "
+                            "calibration sample's examples")
+        return [accepted_inputs(model, squad.collate(part, self.tokenizer.pad_token_id))
+                for part in squad.batches(features[:n], -(-n // batches))]
 
     def labelled_sample(self, n, seed):
         """Kwon et al.'s sample: n of all the training features (with the answers' start and
         end positions), drawn with replacement, in the order drawn."""
-        counts = squad.train_feature_counts(self.train, self.tokenizer)
+        counts = self._train_feature_counts
         picks = draw_with_replacement(int(counts.sum()), n, seed)
         return squad.train_features_at(self.train, self.tokenizer, picks, counts)
+
+    @functools.cached_property
+    def _train_feature_counts(self):
+        """Every training example's number of features: a pass over the whole training set,
+        made once (the search's held-out draw asks for the calibration sample again)."""
+        return squad.train_feature_counts(self.train, self.tokenizer)
 
     def labelled_batches(self, model, sample):
         return [labelled_inputs(model, squad.collate(chunk, self.tokenizer.pad_token_id, with_positions=True))
@@ -193,7 +215,8 @@ class SquadTask:
         order = np.random.default_rng(seed).permutation(len(self.train))
         features = []
         for start in range(0, len(order), chunk):
-            features += squad.prepare_train_features([self.train[i] for i in order[start:start + chunk]], self.tokenizer)
+            part = squad.prepare_train_features([self.train[i] for i in order[start:start + chunk]], self.tokenizer)
+            features += [dict(f, example_index=int(order[start + f["example_index"]])) for f in part]
             if len(features) >= 2 * n:
                 break
         return features

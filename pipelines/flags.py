@@ -97,8 +97,9 @@ def add_search_arguments(p, encoder=False):
     if encoder:
         p.add_argument("--search_examples", type=positive_int, default=SEARCH_EXAMPLES, metavar="N",
                        help="--allocation search or measured: training examples that the calibration sample "
-                            "does not draw, on which a candidate's KL to the dense model's class distribution is "
-                            f"measured (default {SEARCH_EXAMPLES})")
+                            "does not draw (SQuAD: features of such examples), on which a candidate's KL to the "
+                            "dense model's class (or answer span) distribution is measured "
+                            f"(default {SEARCH_EXAMPLES})")
     else:
         p.add_argument("--search_windows", type=positive_int, default=8, metavar="N",
                        help="--allocation search or measured: windows of the calibration corpus, drawn after "

@@ -3,8 +3,8 @@
 The allocators of prune/allocation.py share the budget by a sum of per-layer prices; the model's
 error is not that sum. Here the widths are judged end to end, in the manner of EvoPress
 (Sieberling et al. 2024): the KL divergence of the pruned model's next-token distribution to
-the dense model's, on calibration windows held out of the IDs' fit (an encoder classifier's:
-of its class distribution, on training examples the calibration sample does not draw).
+the dense model's, on calibration windows held out of the IDs' fit (an encoder's: of its class
+or answer-span distribution, on training examples the calibration sample does not draw).
 
 - `LevelDatabase`: pass 1's solved pruners (the IDs on the dense model's inputs) give each
   block, with its correction, at *any* width (the first k units of the ID order), so a
@@ -105,8 +105,9 @@ class LevelDatabase:
 
 class Fitness:
     """KL(dense ‖ candidate) on batches held out of the IDs' fit: for a decoder per token, of the
-    next-token distributions; for an encoder classifier per example, of the class distributions
-    (a regression head, one output: the squared difference of the scores).
+    next-token distributions; for an encoder per example, of the class distributions (a
+    regression head, one output: the squared difference of the scores), or of a span head's
+    (start, end) distribution over the example's real tokens (QA).
 
     Keeps the parent's hidden states at the input of every layer (and after the last), so a
     candidate that first differs from the parent at layer i runs layers i.. only. Memory: (L + 1)
@@ -118,7 +119,7 @@ class Fitness:
         inputs = capture_inputs(model, adapter, batches, device)
         if adapter.is_decoder and any(m is not None for m in inputs.masks):
             raise ValueError("the fitness windows must be whole windows (no padding): every token is counted")
-        self.extras = inputs.extras
+        self.extras, self.masks = inputs.extras, inputs.masks
         # real tokens (an encoder's batches are padded): what the budget counts
         self.tokens = [int(x.shape[:-1].numel() if m is None else m.sum()) for x, m in zip(inputs.hidden, inputs.masks)]
         self.L = len(database.layers)
@@ -163,7 +164,7 @@ class Fitness:
         outputs, _encoder_head, per batch.)"""
         moved = move_to(self.adapter.post_layer_modules(self.model), self.device)
         if not self.adapter.is_decoder:
-            heads = [self._encoder_head(x) for x in final]
+            heads = [self._encoder_head(x, mask) for x, mask in zip(final, self.masks)]
             restore(moved)
             return heads, None
         probs, neg_entropy = [], []
@@ -199,21 +200,29 @@ class Fitness:
             restore(moved)
         return total / count
 
-    def _encoder_head(self, x):
+    def _encoder_head(self, x, mask):
         """An encoder's head on its last layer's output: the classes' log-probabilities (float64),
-        or the score of a regression head (one output)."""
+        the score of a regression head (one output), or a span head's start and end
+        log-probabilities over the real tokens (batch × positions × 2; -inf at the padding, so
+        that an example's distribution does not depend on the batch it is padded in)."""
         z = self.adapter.logits(self.model, x).double()
-        if z.dim() != 2:
-            raise ValueError("the search judges classification and regression heads, not span heads (QA)")
+        if z.dim() == 3:
+            if mask is not None:
+                z = z.masked_fill(~mask[..., None], float("-inf"))
+            return F.log_softmax(z, dim=1)
         return z if z.shape[-1] == 1 else F.log_softmax(z, dim=-1)
 
     def _encoder_divergence(self, final, batches):
-        """Per example: KL(dense ‖ candidate) of the class distributions, or the squared difference
-        of a regression head's scores."""
+        """Per example: KL(dense ‖ candidate) of the class distributions, the squared difference
+        of a regression head's scores, or the KL of the span distribution: start and end are
+        independent softmaxes, so the KL of their joint distribution is the sum of theirs."""
         total, count = 0.0, 0
-        for x, dense in zip(final[:batches], self.dense_probs):
-            mine = self._encoder_head(x)
-            gap = (dense - mine) ** 2 if dense.shape[-1] == 1 else dense.exp() * (dense - mine)
+        for x, mask, dense in zip(final[:batches], self.masks, self.dense_probs):
+            mine = self._encoder_head(x, mask)
+            if dense.shape[-1] == 1:
+                gap = (dense - mine) ** 2
+            else:  # 0 · (-inf) at the padding: left out
+                gap = torch.where(dense > float("-inf"), dense.exp() * (dense - mine), 0.0)
             total += float(gap.sum())
             count += x.shape[0]
         return total / count

@@ -395,3 +395,95 @@ def test_bad_encoder_search_input(tiny_checkpoints, sentiment, tmp_path, capsys,
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert info.value.code == 2 and len(errors) == 1 and expected in errors[0], errors
     assert not (tmp_path / "out" / "tiny-bert").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoders with a span head (SQuAD): the KL of the answer's (start, end) distribution, per example
+
+
+@pytest.mark.parametrize("build", [tiny.bert, tiny.distilbert])
+def test_span_fitness_against_an_independent_kl(build):
+    """A QA candidate: per example, the KL of the start distribution plus that of the end
+    distribution (the model's joint answer distribution), over the example's real tokens,
+    against the whole models run by transformers; the same on the examples one to a batch
+    (no padding), so the padding a batch adds changes nothing."""
+    model = tiny._spread(build(qa=True), scale=1.0).eval()
+    adapter = adapter_for(model)
+    calibration, held_out = tiny.random_batches(4, 8, 12, seed=0), tiny.random_batches(4, 6, 12, seed=1)
+    _, pruners = measure_dense(model, adapter, capture_inputs(model, adapter, calibration, "cpu"), "cpu",
+                               keep=("attn", "ffn"), progress=False)
+    database = LevelDatabase(model, adapter, pruners)
+    fitness = Fitness(model, adapter, database, held_out, "cpu")
+    attn_units, neurons = [4, 1, 3], [64, 20, 9]
+    pruned = copy.deepcopy(model)
+    for l, (a, n) in enumerate(zip(attn_units, neurons)):
+        adapter.layers(pruned)[l] = copy.deepcopy(fitness.db.layer(l, a, n))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in held_out:
+            dense, mine = model(**batch), pruned(**batch)
+            for row, length in enumerate(batch["attention_mask"].sum(1).tolist()):
+                for which in ("start_logits", "end_logits"):
+                    log_p = F.log_softmax(getattr(dense, which)[row, :length].double(), dim=0)
+                    log_q = F.log_softmax(getattr(mine, which)[row, :length].double(), dim=0)
+                    total += float((log_p.exp() * (log_p - log_q)).sum())
+                count += 1
+    kl = fitness.score(attn_units, neurons, 0, 4)[0]
+    assert kl == pytest.approx(total / count, rel=1e-4) and total > 0
+    assert fitness.score([4, 4, 4], [64, 64, 64], 0, 4)[0] == 0.0
+    alone = [{k: v[row:row + 1, :int(b["attention_mask"][row].sum())] for k, v in b.items()}
+             for b in held_out for row in range(len(b["input_ids"]))]
+    one_each = Fitness(model, adapter, database, alone, "cpu")
+    assert one_each.score(attn_units, neurons, 0, len(alone))[0] == pytest.approx(kl, rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def squad_data(tmp_path_factory):
+    from test_squad_cli import write_squad
+    folder = str(tmp_path_factory.mktemp("squad"))
+    write_squad(folder, "1.1", more_train=10)  # 11 + 40 training questions, one feature each
+    return folder
+
+
+@pytest.mark.parametrize("sampler", ["distinct", "with_replacement"])
+def test_squad_search_data_is_held_out_of_the_calibration(squad_data, sampler):
+    """The fitness features come from training examples that the calibration sample draws no
+    feature of; seeded; a clear error when there are not enough of them."""
+    from dataset.squad import load_squad, prepare_train_features
+    from evaluate.tasks import make_task
+    from prerequisites.checkpoint import load_tokenizer
+
+    model = tiny.bert(qa=True)
+    task = make_task("squad", load_tokenizer(tiny.tokenizer_dir_for("tiny-bert-qa")), squad_data, 8)
+    every = prepare_train_features(load_squad("1.1", "train", squad_data), task.tokenizer)
+    owner = {tuple(f["input_ids"]): f["example_index"] for f in every}  # one feature per example here
+    calibration = task.calibration_sample(20, 0, sampler)
+    assert all(owner[tuple(f["input_ids"])] == f["example_index"] for f in calibration)
+    used = {f["example_index"] for f in calibration}
+    batches = task.search_batches(model, 24, 0, 20, sampler)
+    held_out = [owner[tuple(int(t) for t, m in zip(ids, mask) if m)] for b in batches
+                for ids, mask in zip(b["input_ids"], b["attention_mask"])]
+    assert len(batches) == 8 and len(held_out) == 24 == len(set(held_out)) and not used & set(held_out)
+    again = task.search_batches(model, 24, 0, 20, sampler)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, again))
+    with pytest.raises(UserError, match="besides the calibration sample"):
+        task.search_batches(model, len(every) - len(used) + 1, 0, 20, sampler)
+
+
+@pytest.mark.parametrize("allocation", ["search", "measured"])
+def test_squad_search_end_to_end(tiny_checkpoints, squad_data, tmp_path, allocation):
+    """prune_bert.py --task_name squad --allocation search / measured, judged on the answer spans."""
+    out = str(tmp_path / "out")
+    more = ["--search_tokens", "3000"] if allocation == "search" else []
+    record = prune_bert.main(["--model_name", "tiny-bert-qa", "--task_name", "squad", "--mu", "0.5", "--seed", "1",
+                              "--sample_batch_size", "16", "--batch_size", "4", "--model_dir",
+                              tiny_checkpoints["tiny-bert-qa"], "--data_dir", squad_data, "--output_dir", out,
+                              "--device", "cpu", "--allocation", allocation, "--search_examples", "16", *more])
+    results_txt = os.path.join(out, "tiny-bert-qa", "squad.txt")
+    if allocation == "search":
+        s = record["search"]
+        assert record["allocation"] == "search" and s["start"] == "greedy" and s["windows"] == 16
+        assert s["kl"] <= s["kl_start"] and s["layer_tokens"] >= 3000 and 0 < record["mac_ratio"] <= 0.5
+        assert "search: KL to dense" in open(results_txt).read()
+    else:
+        check_measured(record, "greedy", 16, 6, 0.5, results_txt)

@@ -63,12 +63,14 @@ def whole_context_paragraph(i):
                                          "answers": [{"text": context, "answer_start": 0}]}]}
 
 
-def write_squad(folder, version):
-    """train and dev files of `version` ("1.1" or "2.0"); returns the dev paragraphs."""
+def write_squad(folder, version, more_train=0):
+    """train and dev files of `version` ("1.1" or "2.0"), with `more_train` paragraphs of 4
+    questions added to the training file; returns the dev paragraphs."""
     v2 = version == "2.0"
     layouts = {
         # (sentences, answerable questions, unanswerable questions) per paragraph
-        "train": [(6, 3, 1 if v2 else 0), (8, 3, 1 if v2 else 0), (5, 2, 0), (7, 3, 1 if v2 else 0)],
+        "train": [(6, 3, 1 if v2 else 0), (8, 3, 1 if v2 else 0), (5, 2, 0), (7, 3, 1 if v2 else 0)]
+        + [(6, 4, 0)] * more_train,
         "dev": [(40, 2, 1 if v2 else 0), (6, 2, 1 if v2 else 0), (9, 3, 0)],  # 40 sentences: 3 windows
     }
     os.makedirs(folder, exist_ok=True)

@@ -29,6 +29,9 @@ def parse_args(argv=None):
     p.add_argument("--group_by", nargs="+", default=[], metavar="KEY",
                    help="more row keys, e.g. allocation git_commit (records keep apart by them)")
     p.add_argument("--metrics", nargs="+", metavar="NAME", help="only these metrics (default: all)")
+    p.add_argument("--fields", nargs="+", default=[], metavar="KEY",
+                   help="record fields shown as more columns, mean ± std over seeds like the scores, e.g. "
+                        "prune_seconds search.dense_passes measured.dense_passes (dots reach nested keys)")
     p.add_argument("--latex", metavar="FILE", help="also write the tables as LaTeX (booktabs) to FILE")
     p.add_argument("--plot", metavar="DIR", help="write a PNG and a PDF per model to DIR")
     p.add_argument("--plot_metric", metavar="NAME", help="the metric encoder plots show (default: each task's main one)")
@@ -40,10 +43,11 @@ def main(argv=None):
     records = report.select(report.load_records(args.paths), [report.parse_filter(f) for f in args.filter])
     if not records:
         raise UserError("no record left after --filter" if args.filter else "the result files hold no record")
-    for key in args.group_by:
-        if all(report.lookup(r, key) is None for r in records):
-            raise UserError(f"--group_by {key}: no record has this key")
-    tables, unscored = report.build_tables(records, args.group_by, args.metrics)
+    for flag, keys in (("--group_by", args.group_by), ("--fields", args.fields)):
+        for key in keys:
+            if all(report.lookup(r, key) is None for r in records):
+                raise UserError(f"{flag} {key}: no record has this key")
+    tables, unscored = report.build_tables(records, args.group_by, args.metrics, args.fields)
     if not tables:
         raise UserError(f"none of the {len(records)} records holds scores")
     print("\n\n".join(report.markdown(t) for t in tables))

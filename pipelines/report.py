@@ -1,6 +1,7 @@
 """Tables from result records (report.py): mean ± std over seeds, with the number of seeds, the
 dense model alongside; one row per (model, protocol, method, μ) and any --group_by keys, one
-column per task and metric (decoders: per evaluation set, perplexity).
+column per task and metric (decoders: per evaluation set, perplexity), and one per record
+field asked for (--fields: e.g. the prune time, a search's cost).
 
 Runs are averaged only when they were asked for the same thing: a cell whose runs differ in
 their flags (the seed and where results were written aside), code version (git commit,
@@ -204,6 +205,7 @@ class Row(NamedTuple):
     macs: Optional[Cell]  # achieved fraction of the dense MACs, over all the row's runs
     cells: dict  # {(task, metric): Cell}
     task_macs: dict  # {task: Cell}: the achieved fraction of the runs on each task
+    fields: dict  # {record field: Cell} of the numbers the row's runs hold there (none for a dense row)
 
 
 class Table(NamedTuple):
@@ -213,18 +215,20 @@ class Table(NamedTuple):
     rows: list
     primary: dict  # {task: its main metric}, for plots
     repeated: int  # runs left out because a later run had the same seed
+    fields: tuple = ()  # record fields shown as columns after the scores
 
 
-def build_tables(records, group_by=(), metrics=None):
+def build_tables(records, group_by=(), metrics=None, fields=()):
     """One Table per kind of run present (encoder, decoder); the number of records left out
-    because they hold no scores."""
+    because they hold no scores. fields: record keys (dots for nested ones) whose numbers are
+    averaged over seeds like the scores, in columns of their own."""
     runs = [run_of(r) for r in records]
-    tables = [build_table(kind, [r for r in runs if r and r.kind == kind], group_by, metrics)
+    tables = [build_table(kind, [r for r in runs if r and r.kind == kind], group_by, metrics, fields)
               for kind in ("encoder", "decoder") if any(r and r.kind == kind for r in runs)]
     return tables, sum(r is None for r in runs)
 
 
-def build_table(kind, runs, group_by, metrics):
+def build_table(kind, runs, group_by, metrics, fields=()):
     keys = tuple(dict.fromkeys(ROW_KEYS + tuple(group_by)))
     if kind == "decoder" and "wbits" not in keys and any(r.record.get("wbits") is not None for r in runs):
         keys += ("wbits",)
@@ -267,9 +271,14 @@ def build_table(kind, runs, group_by, metrics):
                               if any(c[0] == task for c in r.scores)])[0]
             if cell is not None:
                 task_macs[task] = cell
-        rows.append(Row(values, dense, macs, cells, task_macs))
+        field_cells = {}
+        for key in () if dense else fields:
+            cell = aggregate([(r.record, lookup(r.record, key)) for r in members if _number(lookup(r.record, key))])[0]
+            if cell is not None:
+                field_cells[key] = cell
+        rows.append(Row(values, dense, macs, cells, task_macs, field_cells))
     rows.sort(key=lambda row: _row_order(row, keys))
-    return Table(kind, keys, columns, rows, primary, repeated)
+    return Table(kind, keys, columns, rows, primary, repeated, tuple(fields))
 
 
 def _row_order(row, keys):
@@ -310,16 +319,17 @@ def column_title(column):
 def table_lines(table):
     """(header, [row cells as text], notes) shared by the Markdown and LaTeX forms."""
     header = [HEADERS.get(k, k) for k in table.keys] + ["MACs kept"] + [column_title(c) for c in table.columns]
+    header += list(table.fields)
     notes, marks = {}, []
     body = []
     for row in table.rows:
         texts = [shown(v) for v in row.values.values()]
         texts.append("1.000" if row.dense else (f"{row.macs.mean:.3f}" if row.macs else MISSING))
-        for column in table.columns:
-            cell = row.cells.get(column)
+        for column, title in [*((c, column_title(c)) for c in table.columns), *((f, f) for f in table.fields)]:
+            cell = row.fields.get(column) if column in table.fields else row.cells.get(column)
             text = cell_text(cell, row.dense)
             if cell is not None and cell.mixed:
-                where = f"{' '.join(t for t in texts[:len(table.keys)] if t != MISSING)}, {column_title(column)}"
+                where = f"{' '.join(t for t in texts[:len(table.keys)] if t != MISSING)}, {title}"
                 notes.setdefault(cell.mixed, []).append(where)
                 text += " †"
             texts.append(text)

@@ -92,6 +92,34 @@ def test_mean_std_and_seed_count_of_every_cell():
     assert [line.split("|")[4].strip() for line in text[3:5]] == ["0.5", "0.3"]  # μ from the largest down
 
 
+def test_fields_are_columns_averaged_over_seeds_like_the_scores(tmp_path, capsys):
+    """--fields: a record's numbers (nested ones by dots) averaged per row like the scores; a
+    row whose runs lack the field, and the dense row, show a dash."""
+    records = sst2_records()
+    seconds = {}
+    for i, r in enumerate(records):
+        r["prune_seconds"] = 10.0 + 3 * i
+        seconds.setdefault((r["method"], r["mu"]), []).append(r["prune_seconds"])
+        if r["method"] == "stat":
+            r["search"] = {"dense_passes": 2.0 + i}
+    (table,), _ = build_tables(records, fields=("prune_seconds", "search.dense_passes"))
+    for key, values in seconds.items():
+        cell = row(table, *key).fields["prune_seconds"]
+        assert (cell.mean, cell.std, cell.n) == (pytest.approx(np.mean(values)), pytest.approx(np.std(values, ddof=1)),
+                                                 3)
+    passes = [r["search"]["dense_passes"] for r in records if (r["method"], r["mu"]) == ("stat", 0.3)]
+    assert row(table, "stat", 0.3).fields["search.dense_passes"].mean == pytest.approx(np.mean(passes))
+    assert "search.dense_passes" not in row(table, "magnitude", 0.3).fields and not row(table, "dense").fields
+    text = markdown(table).splitlines()
+    assert text[0].endswith("| sst2 accuracy | prune_seconds | search.dense_passes |")
+    assert text[2].endswith("| 0.9000 | - | - |")
+    assert all(line.endswith("| - |") for line in text if "| magnitude |" in line)
+
+    write(tmp_path / "r.jsonl", records)
+    report.main([str(tmp_path / "r.jsonl"), "--fields", "prune_seconds"])
+    assert "| sst2 accuracy | prune_seconds |" in capsys.readouterr().out
+
+
 def test_protocols_are_rows_apart_and_a_record_without_protocol_shows_a_dash():
     records = sst2_records() + [encoder_record("stat", 0.5, s, 0.9 - 0.01 * s, 0.5, protocol="paper")
                                 for s in (0, 1)]
@@ -240,6 +268,7 @@ def test_report_writes_plots_from_the_command_line(tmp_path, capsys):
     (["{tmp}/r.jsonl", "--filter", "method=kwon"], "no record left after --filter"),
     (["{tmp}/r.jsonl", "--metrics", "f1"], "no encoder record has the metrics f1"),
     (["{tmp}/r.jsonl", "--group_by", "alocation"], "--group_by alocation: no record has this key"),
+    (["{tmp}/r.jsonl", "--fields", "prune_secs"], "--fields prune_secs: no record has this key"),
 ])
 def test_bad_input_gives_one_line_and_exit_status_2(tmp_path, capsys, argv, expected):
     write(tmp_path / "r.jsonl", sst2_records())

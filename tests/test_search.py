@@ -155,14 +155,16 @@ def test_measured_weights_give_each_block_its_own_kl(setting):
     """w² e(k)² is the KL of the dense model with that block alone pruned to the start's width k
     (run from layer 0 by a fresh Fitness, not from the dense states the measurement keeps); a
     block the start keeps whole, or keeps more of than the share of its kind kept overall, is
-    measured at that share."""
+    measured at that share, or at the budget's share μ where that is smaller."""
     model, adapter, _, pruners, held_out = setting
     rng = np.random.default_rng(0)
     scores = [LayerScores(np.sort(rng.random(3))[::-1] * [1, 1, 0], np.ones(64), np.linspace(2, 0, 65))
               for _ in range(3)]
     start = ([1, 2, 2], [64, 20, 33])  # layer 0's FFN whole: measured at 117/192 of 64 = 39
-    w_attn, w_neuron, record = measured_weights(fitness_of(setting), scores, *start, progress=False)
+    w_attn, w_neuron, record = measured_weights(fitness_of(setting), scores, *start, 0.9, progress=False)
     assert record["width"] == {"attn": [1, 1, 1], "neuron": [39, 20, 33]}
+    capped = measured_weights(fitness_of(setting), scores, *start, 0.5, kinds=("neuron",), progress=False)[2]
+    assert capped["width"] == {"neuron": [32, 20, 32]}  # at most half of each FFN kept
     fresh = fitness_of(setting)
     for kind, w in (("attn", w_attn), ("neuron", w_neuron)):
         for l in range(3):

@@ -187,16 +187,18 @@ def run_settings(args, device):
 
 def search_settings(args, tokenizer, seqlen):
     """--allocation search or measured: its fitness windows (the --search_windows windows of the
-    calibration corpus drawn after the calibration windows, with the same seed), budget and start;
-    else None."""
+    calibration corpus drawn after the calibration windows, with the same seed), budget and start
+    (measured: greedy, whose knapsack trades heads against neurons, which the measured prices make
+    safe on decoders; search: the protocol's allocation); else None."""
     if args.allocation not in END_TO_END:
         return None
     windows = lm.calibration_windows(args.calib_task, tokenizer, args.nsamples + args.search_windows, seqlen,
                                      args.seed, args.data_dir)[args.nsamples:]
     budget = args.search_tokens or SEARCH_PASSES * args.nsamples * seqlen
     # a window per batch: the search's first stage scores a quarter of them
-    return SearchSettings(lm.window_batches(windows, 1), budget, args.seed,
-                          protocol.default(protocol.DECODER, "allocation", args.protocol))
+    start = "greedy" if args.allocation == "measured" else protocol.default(protocol.DECODER, "allocation",
+                                                                             args.protocol)
+    return SearchSettings(lm.window_batches(windows, 1), budget, args.seed, start)
 
 
 def prune_and_report(args, knobs, device, model, adapter, tokenizer, windows, calib_batches, seqlen, store=None):

@@ -44,8 +44,8 @@ def add_stat_arguments(p):
                    help="[protocol] how the MAC budget is shared across layers: greedy (error removed per MAC; "
                         "improved, encoders), ffn_greedy (all heads kept; improved, decoders), faithful (the "
                         "authors' rule, literally; paper), uniform; search: the protocol's widths searched against "
-                        "the whole model's KL to the dense model (--search_tokens); measured: the protocol's "
-                        "knapsack with each block's prices scaled to the KL of pruning it alone (docs/search.md)")
+                        "the whole model's KL to the dense model (--search_tokens); measured: greedy's knapsack, "
+                        "each block's prices scaled to the KL of pruning it alone (docs/search.md)")
     p.add_argument("--calibration", choices=CALIBRATIONS,
                    help="[protocol] where the IDs are measured: sequential (improved): each layer's on the pruned "
                         "layers below; dense_ffn: FFN IDs from the dense model; one_shot (paper, decoders): all "
@@ -126,7 +126,7 @@ def check_search_arguments(p, args):
     if search and getattr(args, "low_memory", False):
         p.error(f"--allocation {args.allocation} keeps the dense model's layers in memory: not with --low_memory")
     if args.allocation == "measured" and args.protocol == "paper":
-        p.error("--allocation measured scales the knapsack's prices (the improved protocol's allocators), "
+        p.error("--allocation measured scales greedy's knapsack prices (the improved protocol's), "
                 "not the paper protocol's faithful rule")
     if args.widths is not None:
         if args.method == "kwon":

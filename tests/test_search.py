@@ -266,12 +266,13 @@ def check_measured(record, start, held_out, blocks, mu, results_txt):
 
 
 def test_measured_end_to_end(tiny_checkpoints, data, tmp_path):
-    """prune_opt.py --allocation measured: every FFN measured (ffn_greedy keeps every head at μ 0.6)."""
+    """prune_opt.py --allocation measured: greedy's knapsack, not the decoders' ffn_greedy, so every
+    attention block is measured too (and the heads priced against the neurons)."""
     out = str(tmp_path / "out")
     record = prune_opt.main(prune_argv(tiny_checkpoints, data, out, "--allocation", "measured",
                                        "--search_windows", "2"))
-    check_measured(record, "ffn_greedy", 2, 3, 0.6, os.path.join(out, "opt", "tiny-llama.txt"))
-    assert set(record["measured"]["kl"]) == {"neuron"}
+    check_measured(record, "greedy", 2, 6, 0.6, os.path.join(out, "opt", "tiny-llama.txt"))
+    assert set(record["measured"]["kl"]) == {"attn", "neuron"}
 
 
 @pytest.mark.parametrize("more,expected", [

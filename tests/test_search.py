@@ -303,14 +303,11 @@ def test_bad_search_input(tiny_checkpoints, data, tmp_path, capsys, more, expect
 # Encoders: the KL of the class distributions, per example
 
 
-@pytest.mark.parametrize("build", [tiny.bert, tiny.distilbert])
-def test_encoder_fitness_against_an_independent_kl(build):
-    """A classifier's candidate: the KL per example of its class distribution to the dense
-    model's, against the whole pruned model run by transformers on padded batches."""
-    model = tiny._spread(build(), scale=1.0).eval()
+def encoder_candidate(model):
+    """An encoder's fitness on 4 padded held-out batches (pass 1 on 4 others), the widths of a
+    candidate, and the dense model with its layers replaced by the candidate's."""
     adapter = adapter_for(model)
     calibration, held_out = tiny.random_batches(4, 8, 12, seed=0), tiny.random_batches(4, 6, 12, seed=1)
-    assert any(not bool(b["attention_mask"].all()) for b in held_out)  # padding is left out, not counted
     _, pruners = measure_dense(model, adapter, capture_inputs(model, adapter, calibration, "cpu"), "cpu",
                                keep=("attn", "ffn"), progress=False)
     fitness = Fitness(model, adapter, LevelDatabase(model, adapter, pruners), held_out, "cpu")
@@ -318,6 +315,16 @@ def test_encoder_fitness_against_an_independent_kl(build):
     pruned = copy.deepcopy(model)
     for l, (a, n) in enumerate(zip(attn_units, neurons)):
         adapter.layers(pruned)[l] = copy.deepcopy(fitness.db.layer(l, a, n))
+    return held_out, fitness, (attn_units, neurons), pruned
+
+
+@pytest.mark.parametrize("build", [tiny.bert, tiny.distilbert])
+def test_encoder_fitness_against_an_independent_kl(build):
+    """A classifier's candidate: the KL per example of its class distribution to the dense
+    model's, against the whole pruned model run by transformers on padded batches."""
+    model = tiny._spread(build(), scale=1.0).eval()
+    held_out, fitness, (attn_units, neurons), pruned = encoder_candidate(model)
+    assert any(not bool(b["attention_mask"].all()) for b in held_out)  # padding is left out, not counted
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in held_out:
@@ -411,16 +418,7 @@ def test_span_fitness_against_an_independent_kl(build):
     against the whole models run by transformers; the same on the examples one to a batch
     (no padding), so the padding a batch adds changes nothing."""
     model = tiny._spread(build(qa=True), scale=1.0).eval()
-    adapter = adapter_for(model)
-    calibration, held_out = tiny.random_batches(4, 8, 12, seed=0), tiny.random_batches(4, 6, 12, seed=1)
-    _, pruners = measure_dense(model, adapter, capture_inputs(model, adapter, calibration, "cpu"), "cpu",
-                               keep=("attn", "ffn"), progress=False)
-    database = LevelDatabase(model, adapter, pruners)
-    fitness = Fitness(model, adapter, database, held_out, "cpu")
-    attn_units, neurons = [4, 1, 3], [64, 20, 9]
-    pruned = copy.deepcopy(model)
-    for l, (a, n) in enumerate(zip(attn_units, neurons)):
-        adapter.layers(pruned)[l] = copy.deepcopy(fitness.db.layer(l, a, n))
+    held_out, fitness, (attn_units, neurons), pruned = encoder_candidate(model)
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in held_out:
@@ -436,7 +434,7 @@ def test_span_fitness_against_an_independent_kl(build):
     assert fitness.score([4, 4, 4], [64, 64, 64], 0, 4)[0] == 0.0
     alone = [{k: v[row:row + 1, :int(b["attention_mask"][row].sum())] for k, v in b.items()}
              for b in held_out for row in range(len(b["input_ids"]))]
-    one_each = Fitness(model, adapter, database, alone, "cpu")
+    one_each = Fitness(model, fitness.adapter, fitness.db, alone, "cpu")
     assert one_each.score(attn_units, neurons, 0, len(alone))[0] == pytest.approx(kl, rel=1e-4)
 
 

@@ -23,7 +23,8 @@ from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import checkpoint_identity, load_config, load_model, load_tokenizer, save_pruned
 from prerequisites.hub import resolve_checkpoint
 from prerequisites.streaming import load_streamed
-from pipelines.flags import SEARCH_PASSES, describe_correction, search_lines, search_record, sketch_of, sketch_record
+from pipelines.flags import (SEARCH_PASSES, describe_correction, search_lines, search_record, search_start, sketch_of,
+                             sketch_record)
 from prune.search import SearchSettings, load_widths, save_widths
 from prune.stat import END_TO_END, stat_prune
 from quantize.sequential import quantize_model
@@ -188,17 +189,14 @@ def run_settings(args, device):
 def search_settings(args, tokenizer, seqlen):
     """--allocation search or measured: its fitness windows (the --search_windows windows of the
     calibration corpus drawn after the calibration windows, with the same seed), budget and start
-    (measured: greedy, whose knapsack trades heads against neurons, which the measured prices make
-    safe on decoders; search: the protocol's allocation); else None."""
+    (search_start); else None."""
     if args.allocation not in END_TO_END:
         return None
     windows = lm.calibration_windows(args.calib_task, tokenizer, args.nsamples + args.search_windows, seqlen,
                                      args.seed, args.data_dir)[args.nsamples:]
     budget = args.search_tokens or SEARCH_PASSES * args.nsamples * seqlen
     # a window per batch: the search's first stage scores a quarter of them
-    start = "greedy" if args.allocation == "measured" else protocol.default(protocol.DECODER, "allocation",
-                                                                             args.protocol)
-    return SearchSettings(lm.window_batches(windows, 1), budget, args.seed, start)
+    return SearchSettings(lm.window_batches(windows, 1), budget, args.seed, search_start(args, protocol.DECODER))
 
 
 def prune_and_report(args, knobs, device, model, adapter, tokenizer, windows, calib_batches, seqlen, store=None):

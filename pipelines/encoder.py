@@ -10,7 +10,7 @@ from evaluate.tasks import check_checkpoint, make_task, task_names
 from pipelines import protocol
 from pipelines.commands import encoder_result_stem
 from pipelines.flags import (CORRECTION_FLAGS, SEARCH_PASSES, describe_correction, search_lines, search_record,
-                            sketch_of, sketch_record)
+                            search_start, sketch_of, sketch_record)
 from prerequisites.adapters import adapter_for
 from prerequisites.checkpoint import checkpoint_identity, load_config, load_model, load_tokenizer, save_pruned
 from prerequisites.hub import resolve_checkpoint
@@ -101,7 +101,7 @@ def prune(args):
     if args.allocation in END_TO_END:
         held_out = task.search_batches(model, args.search_examples, args.seed, n_calibration, args.sampler)
         search = SearchSettings(held_out, args.search_tokens or SEARCH_PASSES * calibration_tokens, args.seed,
-                                protocol.default(protocol.ENCODER, "allocation", args.protocol))
+                                search_start(args, protocol.ENCODER))
 
     if kwon:
         result = kwon_prune(model, adapter, task.labelled_batches(model, calibration_sample), prices[args.mac_split],

@@ -112,6 +112,13 @@ def add_search_arguments(p, encoder=False):
                    help="write the widths the run pruned to (e.g. those --allocation search found), for --widths")
 
 
+def search_start(args, family):
+    """The allocator --allocation search or measured starts from: measured, greedy (its knapsack
+    trades heads against neurons, which the measured prices make safe on decoders too:
+    docs/search.md); search, the protocol's allocation for the family (protocol.ENCODER, DECODER)."""
+    return "greedy" if args.allocation == "measured" else protocol.default(family, "allocation", args.protocol)
+
+
 def check_search_arguments(p, args):
     """One-line errors (exit 2) for the search and widths flags that cannot work as given."""
     search = args.allocation in END_TO_END

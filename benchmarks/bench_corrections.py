@@ -103,9 +103,6 @@ def parse_variant(name):
             options["search"] = ("search", float(value))  # dense passes; made into SearchSettings per run below
         elif part == "measured":
             options["search"] = ("measured", 0.0)  # the search's held-out data, no budget
-        elif key == "measured":
-            options["search"] = ("measured", 0.0)
-            options["rounds"] = int(value)
         elif key == "sx":
             options["search_examples"] = int(value)
 
@@ -295,12 +292,10 @@ def run(bench, variant, mu, seed):
     if "sketch" in options:  # its draws follow the calibration seed, as the scripts' --seed
         options["sketch"] = options["sketch"].reseeded(seed)
     examples = options.pop("search_examples", SEARCH_EXAMPLES)
-    rounds = options.pop("rounds", 1)
     if "search" in options:
         start = options.get("allocation") or bench.adapter.default_allocation
         allocation, passes = options["search"]
         options.update(allocation=allocation, search=bench.search_settings(seed, nsamples, passes, start, examples))
-        options["search"].rounds = rounds
     model = copy.deepcopy(bench.dense)
     result = stat_prune(model, bench.adapter, bench.calibration(seed, nsamples), bench.costs, mu, "cpu",
                         progress=False, **options)

@@ -47,7 +47,6 @@ class SearchSettings:
     budget_tokens: float
     seed: int = 0
     start: str = "ffn_greedy"
-    rounds: int = 1  # measured: probes again at the widths the previous round's knapsack chose
 
 
 @dataclass

@@ -426,13 +426,8 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
         fitness = Fitness(model, adapter, LevelDatabase(model, adapter, pruners), search.batches, device)
         if allocation == "measured":
             kinds = ("neuron",) if keeps_every_head(model, adapter, allocator, costs, mu) else ("attn", "neuron")
-            rounds = []
-            for _ in range(search.rounds):
-                *weights, measured = measured_weights(fitness, scores, attn_units, neurons, mu, kinds, progress)
-                attn_units, neurons = allocate(tuple(weights))
-                rounds.append({**measured, "attn_units": list(attn_units), "neurons": list(neurons)})
-            if len(rounds) > 1:
-                measured = {**measured, "rounds": rounds, "seconds": sum(r["seconds"] for r in rounds)}
+            *weights, measured = measured_weights(fitness, scores, attn_units, neurons, mu, kinds, progress)
+            attn_units, neurons = allocate(tuple(weights))
         else:
             found = search_widths(fitness, attn_units, neurons, search.budget_tokens, search.seed, width_multiple,
                                   progress=progress)

@@ -17,8 +17,7 @@ A variant is a '+'-joined list of settings on top of `today` (stat_prune's defau
   factor=NAME      --factor NAME (lapack, torch)
   search=P         --allocation search from the variant's allocation, a budget of P dense passes of the
                    calibration tokens; the KL on the 8 windows drawn after the calibration windows
-                   (smollm2), on 128 training sentences the calibration sample does not draw (minilm);
-                   alloc=measured+search=P: from measured prices' allocation (greedy's, reweighted)
+                   (smollm2), on 128 training sentences the calibration sample does not draw (minilm)
   measured         --allocation measured from the variant's allocation, on the search's held-out data
   sx=N             (minilm) with search: N training sentences rather than 128
 (The variants of issue 14 that were removed in issue 20, bias, addbias, ridge=X, idridge=X,

@@ -148,14 +148,11 @@ def search_record(result, settings, calibration_tokens):
     """The run record's "search" or "measured" (neither with another allocation), from a PruneResult."""
     if result is None or settings is None:
         return {}
-    record = {}
     if result.search is not None:
-        record["search"] = result.search.record(settings, calibration_tokens)
-    if result.measured is not None:
-        held_out = sum(len(batch["input_ids"]) for batch in settings.batches)
-        record["measured"] = {**result.measured, "start": settings.start, "windows": held_out,
-                              "dense_passes": result.measured["layer_tokens"] / calibration_tokens}
-    return record
+        return {"search": result.search.record(settings, calibration_tokens)}
+    held_out = sum(len(batch["input_ids"]) for batch in settings.batches)
+    return {"measured": {**result.measured, "start": settings.start, "windows": held_out,
+                         "dense_passes": result.measured["layer_tokens"] / calibration_tokens}}
 
 
 def search_lines(record, held_out):

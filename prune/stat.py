@@ -391,9 +391,7 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
         warnings.warn("held-out pricing needs at least 2 calibration batches: the prices are in-sample",
                       RuntimeWarning, stacklevel=2)
     every_batch = keep or pricing == "heldout"
-    # a search may start from measured prices' allocation: greedy's knapsack, reweighted
-    measured_start = search is not None and allocation == "search" and search.start == "measured"
-    allocator = ("greedy" if measured_start else search.start) if search else allocation
+    allocator = search.start if search else allocation
     scores, pruners, found, measured = [], None, None, None
     if widths is None or keep:
         inputs = capture_inputs(model, adapter, batches if every_batch else spread_subset(batches, score_fraction),
@@ -426,12 +424,11 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
             raise ValueError(f"allocation {allocation!r} keeps the model in memory: "
                              "not with a LayerStore (--low_memory)")
         fitness = Fitness(model, adapter, LevelDatabase(model, adapter, pruners), search.batches, device)
-        if allocation == "measured" or measured_start:
+        if allocation == "measured":
             kinds = ("neuron",) if keeps_every_head(model, adapter, allocator, costs, mu) else ("attn", "neuron")
             *weights, measured = measured_weights(fitness, scores, attn_units, neurons, mu, kinds, progress)
             attn_units, neurons = allocate(tuple(weights))
-            fitness.layer_tokens = 0.0  # the search's budget is its own
-        if allocation == "search":
+        else:
             found = search_widths(fitness, attn_units, neurons, search.budget_tokens, search.seed, width_multiple,
                                   progress=progress)
             attn_units, neurons = found.attn_units, found.neurons

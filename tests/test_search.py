@@ -202,23 +202,6 @@ def test_measured_allocation_end_to_end(setting):
                    search=SearchSettings(held_out, 0.0, 0, "faithful"), progress=False)
 
 
-def test_search_from_measured_prices(setting):
-    """A search whose start is 'measured' starts from measured prices' widths (the same as
-    allocation 'measured' gives), never ends worse than them, and spends its own budget."""
-    model, adapter, calibration, _, held_out = setting
-    options = dict(calibration="one_shot", progress=False)
-    measured = stat_prune(copy.deepcopy(model), adapter, calibration, (100.0, 1.0), 0.6, "cpu",
-                          allocation="measured", search=SearchSettings(held_out, 0.0, 0, "greedy"), **options)
-    result = stat_prune(copy.deepcopy(model), adapter, calibration, (100.0, 1.0), 0.6, "cpu", allocation="search",
-                        search=SearchSettings(held_out, 3000.0, 1, "measured"), **options)
-    assert result.allocation == "search" and result.measured["kl"] == measured.measured["kl"]
-    start = fitness_of(setting).score(measured.attn_units, measured.neurons, 0, len(held_out))[0]
-    assert result.search.start_fitness == pytest.approx(start, rel=1e-6)
-    assert result.search.fitness <= result.search.start_fitness
-    assert 3000 <= result.search.layer_tokens < 3000 + result.measured["layer_tokens"]
-    assert sum(result.attn_units) * 100 + sum(result.neurons) == sum(measured.attn_units) * 100 + sum(measured.neurons)
-
-
 def test_widths_files(tmp_path):
     path = str(tmp_path / "w.json")
     save_widths(path, [4, 3], [64, 10], mu=0.5)

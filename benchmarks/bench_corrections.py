@@ -37,7 +37,8 @@ text, which is what defaults are chosen on (never the evaluation sets):
 Pruning time is given in dense forward passes over the calibration set, measured in the same
 process (SmolLM2: measured once, with the dense scores, and kept in
 output/bench_corrections/smollm2-dense.pt), and in seconds. Each run is appended to
-output/bench_corrections/<model>.jsonl; `--table` prints the tables (mean over the seeds asked
+output/bench_corrections/<model>.jsonl (minilm with --samples N other than 512:
+minilm-N.jsonl); `--table` prints the tables (mean over the seeds asked
 for) from that file without running anything.
 """
 import argparse
@@ -136,7 +137,6 @@ def load_dense(model_dir):
 
 
 class MiniLM:
-    name = "minilm"
     higher_is_better = True
 
     def __init__(self, args):
@@ -147,6 +147,7 @@ class MiniLM:
         self.task = make_task("movie-sentiment", self.tokenizer)
         self.costs = adapter_costs(self.adapter, self.task.mac_seq_len)
         self.samples = args.samples
+        self.name = records_name(args)
         self.calibrations = {}
         self.selection = self._selection_batches()
         self.dense_log_probs = None
@@ -318,6 +319,14 @@ def run(bench, variant, mu, seed):
     return record
 
 
+def records_name(args):
+    """The records' file name: minilm's `select` sentences avoid the calibration draws, so they
+    differ with --samples, and records of other sizes go to a file of their own."""
+    if args.model == "minilm" and args.samples != 512:
+        return f"minilm-{args.samples}"
+    return args.model
+
+
 def tables(name, variants, mus, seeds):
     """Mean over `seeds` of every metric, per μ and variant, from the records on file."""
     path = os.path.join(OUT, f"{name}.jsonl")
@@ -384,7 +393,7 @@ def main():
             for variant in args.variants:
                 for seed in args.seeds:
                     run(bench, variant, mu, seed)
-    tables(args.model, args.variants, mus, args.seeds)
+    tables(records_name(args), args.variants, mus, args.seeds)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ A variant is a '+'-joined list of settings on top of `today` (stat_prune's defau
                    calibration tokens; the KL on the 8 windows drawn after the calibration windows
                    (smollm2), on 128 training sentences the calibration sample does not draw (minilm)
   measured         --allocation measured from the variant's allocation, on the search's held-out data
-  sx=N             (minilm) with search: N training sentences rather than 128
+  sx=N             with search or measured: N held-out training sentences (minilm, rather than 128)
+                   or windows (smollm2, rather than 8)
 (The variants of issue 14 that were removed in issue 20, bias, addbias, ridge=X, idridge=X,
 nerr, select=dense and res apart from dense, run at commit 7ed5679.)
 
@@ -187,7 +188,7 @@ class MiniLM:
     def search_settings(self, seed, nsamples, passes, start, examples):
         """--allocation search as prune_bert.py sets it: the KL on `examples` training sentences
         that the calibration sample does not draw, a budget of `passes` dense passes."""
-        batches = self.task.search_batches(self.dense, examples, seed, self.samples)
+        batches = self.task.search_batches(self.dense, examples or SEARCH_EXAMPLES, seed, self.samples)
         return SearchSettings(batches, passes * self.calibration_tokens(seed, None), seed, start)
 
     def evaluate(self, model):
@@ -274,10 +275,11 @@ class SmolLM2:
         return (nsamples or self.nsamples) * self.seqlen
 
     def search_settings(self, seed, nsamples, passes, start, examples=None):
-        """--allocation search as prune_opt.py sets it: the KL on the 8 windows drawn after the
-        calibration windows (one per batch), a budget of `passes` dense passes."""
-        nsamples = nsamples or self.nsamples
-        windows = lm.calibration_windows("austen", self.tokenizer, nsamples + 8, self.seqlen, seed)[nsamples:]
+        """--allocation search as prune_opt.py sets it: the KL on the `examples` (8) windows drawn
+        after the calibration windows (one per batch), a budget of `passes` dense passes."""
+        nsamples, examples = nsamples or self.nsamples, examples or 8
+        windows = lm.calibration_windows("austen", self.tokenizer, nsamples + examples, self.seqlen,
+                                         seed)[nsamples:]
         return SearchSettings(lm.window_batches(windows, 1), passes * nsamples * self.seqlen, seed, start)
 
     def evaluate(self, model):
@@ -292,7 +294,7 @@ def run(bench, variant, mu, seed):
     options, nsamples = parse_variant(variant)
     if "sketch" in options:  # its draws follow the calibration seed, as the scripts' --seed
         options["sketch"] = options["sketch"].reseeded(seed)
-    examples = options.pop("search_examples", SEARCH_EXAMPLES)
+    examples = options.pop("search_examples", None)
     if "search" in options:
         start = options.get("allocation") or bench.adapter.default_allocation
         allocation, passes = options["search"]

@@ -63,13 +63,14 @@ from evaluate.inputs import accepted_inputs  # noqa: E402
 from evaluate.perplexity import perplexity  # noqa: E402
 from prerequisites.adapters import adapter_for  # noqa: E402
 from prerequisites.checkpoint import load_model, load_tokenizer  # noqa: E402
-from pipelines.flags import SEARCH_EXAMPLES, search_record  # noqa: E402
+from pipelines.flags import SEARCH_EXAMPLES, SEARCH_WINDOWS, search_record  # noqa: E402
 from prune.gram import Sketch  # noqa: E402
 from prune.search import SearchSettings  # noqa: E402
 from prune.stat import stat_prune  # noqa: E402
 
 OUT = os.path.join(ROOT, "output", "bench_corrections")
 HELD_OUT_SEEDS = range(5)  # calibration seeds whose data the selection sets avoid
+MINILM_SAMPLES = 512  # minilm: calibration examples by default, as prune_bert.py's --sample_batch_size
 VARIANTS = ["today", "magnitude", "dense", "price=heldout"]
 
 
@@ -277,7 +278,7 @@ class SmolLM2:
     def search_settings(self, seed, nsamples, passes, start, examples=None):
         """--allocation search as prune_opt.py sets it: the KL on the `examples` (8) windows drawn
         after the calibration windows (one per batch), a budget of `passes` dense passes."""
-        nsamples, examples = nsamples or self.nsamples, examples or 8
+        nsamples, examples = nsamples or self.nsamples, examples or SEARCH_WINDOWS
         windows = lm.calibration_windows("austen", self.tokenizer, nsamples + examples, self.seqlen,
                                          seed)[nsamples:]
         return SearchSettings(lm.window_batches(windows, 1), passes * nsamples * self.seqlen, seed, start)
@@ -324,7 +325,7 @@ def run(bench, variant, mu, seed):
 def records_name(args):
     """The records' file name: minilm's `select` sentences avoid the calibration draws, so they
     differ with --samples, and records of other sizes go to a file of their own."""
-    if args.model == "minilm" and args.samples != 512:
+    if args.model == "minilm" and args.samples != MINILM_SAMPLES:
         return f"minilm-{args.samples}"
     return args.model
 
@@ -376,7 +377,7 @@ def main():
     p.add_argument("--variants", nargs="+", default=VARIANTS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--table", action="store_true", help="only print the tables from the records on file")
-    p.add_argument("--samples", type=int, default=512, help="minilm: calibration examples")
+    p.add_argument("--samples", type=int, default=MINILM_SAMPLES, help="minilm: calibration examples")
     p.add_argument("--nsamples", type=int, default=32, help="smollm2: calibration windows")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--batch_size", type=int, default=4)

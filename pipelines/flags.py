@@ -86,6 +86,7 @@ ALLOCATION_FLAGS = ("pricing",)
 
 SEARCH_PASSES = 10  # the default budget of --allocation search, in dense passes of the calibration tokens
 SEARCH_EXAMPLES = 128  # encoders: the training examples a candidate's KL is measured on (8 batches)
+SEARCH_WINDOWS = 8  # decoders: the held-out calibration windows a candidate's KL is measured on
 
 
 def add_search_arguments(p, encoder=False):
@@ -101,7 +102,7 @@ def add_search_arguments(p, encoder=False):
                             "dense model's class (or answer span) distribution is measured "
                             f"(default {SEARCH_EXAMPLES})")
     else:
-        p.add_argument("--search_windows", type=positive_int, default=8, metavar="N",
+        p.add_argument("--search_windows", type=positive_int, default=SEARCH_WINDOWS, metavar="N",
                        help="--allocation search or measured: windows of the calibration corpus, drawn after "
                             "the calibration windows and held out of the IDs' fit, on which a candidate's KL is "
                             "measured (default 8)")

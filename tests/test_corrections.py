@@ -177,8 +177,8 @@ def test_held_out_prices_in_float32_agree_with_float64(factor):
     """Each fold's fit is factored in float64 and priced in float32 (ssygst and slauum on the
     host, triangular solves and a product with torch): against
     the same cross-validation all in float64, on a block of 300 units whose spectrum falls
-    over three decades, the prices agree to 3e-4 (2.6e-5 measured on one machine) wherever they exceed 1 % of the block's whole
-    error, and within 1e-3 of it everywhere."""
+    over three decades, the prices agree to 3e-4 (2.6e-5 measured on one machine) wherever they
+    exceed 1 % of the block's whole error, and within 1e-3 of it everywhere."""
     g = torch.Generator().manual_seed(4)
     n = 300
     mixing = torch.randn(n, n, generator=g) / n ** 0.5 * torch.logspace(0, -3, n)[:, None]
@@ -217,7 +217,8 @@ def test_held_out_pricing_scores_every_batch_and_prunes():
     for got, fitted in zip(result.scores, in_sample.scores):  # other prices, on the same batches
         assert len(got.neuron_errors) == len(fitted.neuron_errors)
         assert not np.allclose(got.neuron_errors, fitted.neuron_errors)
-        assert np.allclose(got.neuron_pivots, fitted.neuron_pivots, rtol=1e-4)  # float32 folds summed against float64; the pivots: of all the rows, as before
+        # the pivots: of all the rows, as before (float32 folds summed, against a float64 Gram)
+        assert np.allclose(got.neuron_pivots, fitted.neuron_pivots, rtol=1e-4)
     assert torch.isfinite(tiny.logits(model, batches)).all()
 
 

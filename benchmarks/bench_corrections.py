@@ -230,9 +230,10 @@ class SmolLM2:
         self.calibrations = {}
         key = {"sets": sorted(self.windows), "seqlen": self.seqlen, "nsamples": self.nsamples,
                "eval_windows": args.eval_windows}
-        cached = dense_cache(self.name, key) or {}
-        self.dense_metrics = cached.get("metrics") or self.evaluate(self.dense)
-        dense_cache(self.name, key, {"metrics": self.dense_metrics})
+        cached = dense_cache(self.name, key)
+        self.dense_metrics = cached["metrics"] if cached else self.evaluate(self.dense)
+        if not cached:
+            dense_cache(self.name, key, {"metrics": self.dense_metrics})
         # measured in every run of this script, not kept: a time taken beside other work, or on another
         # session's machine (2.7x apart between two), would skew the dense passes of every later record
         self.forward_seconds = dense_forward_seconds(self.dense, self.calibration(0, None), repeats=1,
@@ -277,7 +278,7 @@ class SmolLM2:
         return (nsamples or self.nsamples) * self.seqlen
 
     def search_settings(self, seed, nsamples, passes, start, examples=None):
-        """--allocation search as prune_opt.py sets it: the KL on the `examples` (8) windows drawn
+        """--allocation search as prune_opt.py sets it: the KL on the `examples` (SEARCH_WINDOWS) windows drawn
         after the calibration windows (one per batch), a budget of `passes` dense passes."""
         nsamples, examples = nsamples or self.nsamples, examples or SEARCH_WINDOWS
         windows = lm.calibration_windows("austen", self.tokenizer, nsamples + examples, self.seqlen,

@@ -105,7 +105,7 @@ def add_search_arguments(p, encoder=False):
         p.add_argument("--search_windows", type=positive_int, default=SEARCH_WINDOWS, metavar="N",
                        help="--allocation search or measured: windows of the calibration corpus, drawn after "
                             "the calibration windows and held out of the IDs' fit, on which a candidate's KL is "
-                            "measured (default 8)")
+                            f"measured (default {SEARCH_WINDOWS})")
     p.add_argument("--widths", metavar="FILE",
                    help="prune to these widths (a JSON object with heads_per_layer and neurons_per_layer: a "
                         "--save_widths file, or a run's record) instead of allocating; they must fit mu")

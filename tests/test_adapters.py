@@ -98,10 +98,12 @@ def test_pruned_decoder_generates_with_a_kv_cache(family):
     model = shrink(FAMILIES[family](), [0, 1, 2], [20, 0, 64])  # layer 0 has no attention at all
     prompt = torch.randint(5, 1000, (2, 6))
     with torch.no_grad():
-        cached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
-        uncached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
-    assert cached.shape == (2, 14)
-    assert torch.equal(cached, uncached)
+        cached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True,
+                                output_logits=True, return_dict_in_generate=True)
+        full = model(cached.sequences).logits[:, 5:-1]  # the same tokens, no cache
+    assert cached.sequences.shape == (2, 14)
+    # logits, not tokens: comparing greedy tokens of two runs would fail on a near-tie in float32
+    torch.testing.assert_close(torch.stack(cached.logits, dim=1), full, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -419,7 +419,8 @@ def test_masked_model_and_pruned_model_give_the_same_logits(make):
 
     prune_to_masks(model, adapter, keep, scales)
     assert adapter.shape(model) == keep.counts()
-    torch.testing.assert_close(tiny.logits(model, batches), expected, rtol=1e-5, atol=1e-5)
+    # a removed unit against a zeroed one: the same sums in another order, float32 rounding
+    torch.testing.assert_close(tiny.logits(model, batches), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("make", [tiny.bert, tiny.distilbert])

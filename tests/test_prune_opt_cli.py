@@ -29,7 +29,9 @@ def test_layer_by_layer_perplexity_equals_a_full_forward_pass(make):
         losses = torch.stack([model(w[None], labels=w[None]).loss for w in windows])
     expected = float(torch.exp(losses.mean()))  # GPTQ protocol: exp of the mean per-window NLL
     got = perplexity(model, adapter_for(model), windows, "cpu", batch_size=2, progress=False)
-    assert got == pytest.approx(expected, rel=1e-5)
+    # float32 losses of ~10.8 nats (logsumexp over the vocabulary) in another order: ~1e-5 of exp(loss);
+    # leaving one of the 5 windows out moves it by 1e-3 or more
+    assert got == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -228,28 +228,91 @@ class Fitness:
         return total / count
 
 
-def mutate(attn_units, neurons, full, steps, rng, moves):
+@dataclass
+class Exchange:
+    """What lets a move trade an attention unit for neurons between blocks of different kinds:
+    the MACs of each (efficiency/macs.py), the most a child may spend (the start's MACs), and
+    the multiple of neurons a layer keeps (--width_multiple)."""
+    attn_cost: float
+    neuron_cost: float
+    budget: float
+    multiple: int = 1
+
+    def slack(self, attn_units, neurons):
+        return self.budget - sum(attn_units) * self.attn_cost - sum(neurons) * self.neuron_cost
+
+    def neurons_bought(self, slack):
+        """The neurons one attention unit given up pays for (with what the budget has left)."""
+        n = int((self.attn_cost + slack) // self.neuron_cost)
+        return n - n % self.multiple
+
+    def neurons_paid(self, slack):
+        """The neurons to give up for one more attention unit (what the budget has left counted)."""
+        n = max(0, -int(-(self.attn_cost - slack) // self.neuron_cost))
+        return -(-n // self.multiple) * self.multiple
+
+
+def mutate(attn_units, neurons, full, steps, rng, moves, exchange=None):
     """A child: `moves` times, `steps[kind]` units (fewer where a layer has fewer to give or room
-    for) move from one layer to another of the same kind, so the MACs stay the parent's. Returns
-    (attn_units, neurons, the first layer changed), or None when no move is possible."""
+    for) move from one layer to another of the same kind, so the MACs stay the parent's; with an
+    `exchange`, a move may also trade one attention unit for neurons, either way, within its
+    budget. Returns (attn_units, neurons, the first layer changed), or None when no move is
+    possible."""
     widths = {"attn": list(attn_units), "ffn": list(neurons)}
     first = None
     for _ in range(moves):
         kinds = [kind for kind in widths if _movable(widths[kind], full[kind])]
+        trades = _trades(widths, full, exchange) if exchange else []
+        if trades:
+            kinds.append("trade")
         if not kinds:
             break
         kind = kinds[rng.integers(len(kinds))]
-        w, top = widths[kind], full[kind]
-        donor = rng.choice([l for l, n in enumerate(w) if n > 0 and any(
-            m < top[r] for r, m in enumerate(w) if r != l)])
-        receiver = rng.choice([r for r, m in enumerate(w) if m < top[r] and r != donor])
-        amount = min(steps[kind], w[donor], top[receiver] - w[receiver])
-        w[donor] -= amount
-        w[receiver] += amount
+        if kind == "trade":
+            donor, receiver = _trade(widths, full, exchange, trades[rng.integers(len(trades))], rng)
+        else:
+            w, top = widths[kind], full[kind]
+            donor = rng.choice([l for l, n in enumerate(w) if n > 0 and any(
+                m < top[r] for r, m in enumerate(w) if r != l)])
+            receiver = rng.choice([r for r, m in enumerate(w) if m < top[r] and r != donor])
+            amount = min(steps[kind], w[donor], top[receiver] - w[receiver])
+            w[donor] -= amount
+            w[receiver] += amount
         first = min(donor, receiver) if first is None else min(first, donor, receiver)
     if first is None:
         return None
     return widths["attn"], widths["ffn"], int(first)
+
+
+def _trades(widths, full, exchange):
+    """The directions in which an attention unit and neurons can be traded now."""
+    a, n = widths["attn"], widths["ffn"]
+    slack = exchange.slack(a, n)
+    trades = []
+    if exchange.neurons_bought(slack) > 0 and any(a) and any(m < f for m, f in zip(n, full["ffn"])):
+        trades.append("attn_for_neurons")
+    paid = exchange.neurons_paid(slack)
+    if any(u < f for u, f in zip(a, full["attn"])) and any(m >= paid for m in n):
+        trades.append("neurons_for_attn")
+    return trades
+
+
+def _trade(widths, full, exchange, direction, rng):
+    """One trade in `direction`, between random layers; returns (donor, receiver)."""
+    a, n = widths["attn"], widths["ffn"]
+    slack = exchange.slack(a, n)
+    if direction == "attn_for_neurons":
+        donor = rng.choice([l for l, u in enumerate(a) if u > 0])
+        receiver = rng.choice([l for l, m in enumerate(n) if m < full["ffn"][l]])
+        a[donor] -= 1
+        n[receiver] += min(exchange.neurons_bought(slack), full["ffn"][receiver] - n[receiver])
+    else:
+        paid = exchange.neurons_paid(slack)
+        donor = rng.choice([l for l, m in enumerate(n) if m >= paid])
+        receiver = rng.choice([l for l, u in enumerate(a) if u < full["attn"][l]])
+        n[donor] -= paid
+        a[receiver] += 1
+    return int(donor), int(receiver)
 
 
 def _movable(widths, full):
@@ -264,9 +327,11 @@ def neuron_step(full_neurons, width_multiple=1):
 
 
 def search(fitness, attn_units, neurons, budget_tokens, seed=0, width_multiple=1, offspring=OFFSPRING,
-           survivors=SURVIVORS, progress=True):
-    """The widths (attention units, neurons per layer) of least KL found from a start, at the
-    start's MACs, within `budget_tokens` layer-tokens of forward work. Returns a SearchResult."""
+           survivors=SURVIVORS, progress=True, costs=None):
+    """The widths (attention units, neurons per layer) of least KL found from a start, at most at
+    the start's MACs, within `budget_tokens` layer-tokens of forward work. With `costs` (the MACs
+    of an attention unit and of a neuron), moves also trade attention units for neurons. Returns
+    a SearchResult."""
     start_time = time.perf_counter()
     rng = np.random.default_rng(seed)
     full = {"attn": fitness.db.full[0], "ffn": fitness.db.full[1]}
@@ -274,6 +339,10 @@ def search(fitness, attn_units, neurons, budget_tokens, seed=0, width_multiple=1
     windows = len(fitness.tokens)
     first_stage = max(1, windows // 4)
     parent = (list(attn_units), list(neurons))
+    exchange = None
+    if costs is not None:
+        start_macs = sum(attn_units) * costs[0] + sum(neurons) * costs[1]
+        exchange = Exchange(costs[0], costs[1], start_macs, width_multiple)
     fitness.set_parent(fitness.first_inputs)
     parent_fitness, states = fitness.score(*parent, 0, windows, keep=True)
     fitness.set_parent(states)
@@ -283,7 +352,7 @@ def search(fitness, attn_units, neurons, budget_tokens, seed=0, width_multiple=1
     while fitness.layer_tokens < budget_tokens:
         children = []
         for _ in range(offspring):
-            child = mutate(*parent, full, steps, rng, moves=int(rng.integers(1, 4)))
+            child = mutate(*parent, full, steps, rng, moves=int(rng.integers(1, 4)), exchange=exchange)
             if child is None:
                 break
             children.append(child)

@@ -399,7 +399,9 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
         folds = price_folds if pricing == "heldout" else 0
         if method == "stat":
             warn_if_too_few_rows(model, adapter, fitted_rows(inputs, folds, sketch), more_tokens)
-        attn = widths is not None or not keeps_every_head(model, adapter, allocator, costs, mu)
+        # the search may trade attention units for neurons: it needs every block's IDs
+        attn = widths is not None or allocation == "search" or not keeps_every_head(model, adapter, allocator, costs,
+                                                                                        mu)
         scores, pruners = measure_dense(model, adapter, inputs, device, keep=keep, progress=progress, store=store,
                                         price_folds=folds, attn=attn, **block_options)
         del inputs
@@ -430,7 +432,7 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
             attn_units, neurons = allocate(tuple(weights))
         else:
             found = search_widths(fitness, attn_units, neurons, search.budget_tokens, search.seed, width_multiple,
-                                  progress=progress)
+                                  progress=progress, costs=costs)
             attn_units, neurons = found.attn_units, found.neurons
         del fitness
     if method == "magnitude":

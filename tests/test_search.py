@@ -16,7 +16,7 @@ import tiny
 from prerequisites.adapters import adapter_for
 from prerequisites.layerwise import capture_inputs
 from prune.allocation import LayerScores, greedy
-from prune.search import (Fitness, LevelDatabase, SearchSettings, load_widths, measured_weights, mutate, probe_width,
+from prune.search import (Exchange, Fitness, LevelDatabase, SearchSettings, load_widths, measured_weights, mutate, probe_width,
                           save_widths, search, widths_problem)
 from prune.stat import measure_dense, stat_prune
 from tiny import one_thread  # noqa: F401 (a fixture)
@@ -106,6 +106,32 @@ def test_mutation_moves_units_at_equal_macs():
     # a single layer, or every layer full: nothing can move
     assert mutate([2], [8], {"attn": [4], "ffn": [8]}, {"attn": 1, "ffn": 8}, rng, 1) is None
     assert mutate([4, 4], [8, 8], {"attn": [4, 4], "ffn": [8, 8]}, {"attn": 1, "ffn": 8}, rng, 1) is None
+
+
+def test_trades_between_kinds_stay_within_the_start_macs():
+    """With an Exchange, moves also trade an attention unit for neurons: the MACs never exceed the
+    start's, and the slack a trade leaves (neurons come in multiples) is spent by later ones."""
+    rng = np.random.default_rng(1)
+    full = {"attn": [4, 4, 4, 4], "ffn": [64, 64, 64, 64]}
+    attn_units, neurons = [4, 2, 1, 4], [10, 64, 3, 30]
+    exchange = Exchange(attn_cost=10.0, neuron_cost=3.0, budget=11 * 10.0 + 107 * 3.0, multiple=2)
+    assert (exchange.neurons_bought(0.0), exchange.neurons_paid(0.0)) == (2, 4)  # 10 MACs: 3 neurons, or 4
+    assert (exchange.neurons_bought(2.0), exchange.neurons_paid(2.0)) == (4, 4)  # 12: 4; 8: 3, made 4
+    traded = set()
+    for _ in range(300):
+        a, n, first = mutate(attn_units, neurons, full, {"attn": 1, "ffn": 8}, rng, moves=int(rng.integers(1, 4)),
+                             exchange=exchange)
+        macs = 10.0 * sum(a) + 3.0 * sum(n)
+        assert macs <= exchange.budget + 1e-9 and exchange.budget - macs < 10.0 + 3.0 * 2  # not wasted either
+        assert all(0 <= x <= f for x, f in zip(a + n, full["attn"] + full["ffn"]))
+        changed = [l for l in range(4) if (a[l], n[l]) != (attn_units[l], neurons[l])]
+        assert not changed or changed[0] >= first
+        traded.add(np.sign(sum(a) - sum(attn_units)))
+        attn_units, neurons = a, n
+    assert traded >= {-1, 1}  # both ways
+    # no neurons to pay for a unit, and none to give: nothing can move
+    assert mutate([0], [8], {"attn": [1], "ffn": [8]}, {"attn": 1, "ffn": 8}, rng, 1,
+                  exchange=Exchange(100.0, 1.0, 8.0)) is None
 
 
 def test_fitness_against_an_independent_kl(setting):

@@ -34,7 +34,8 @@ def parse_args(argv=None):
                         "prune_seconds search.dense_passes measured.dense_passes (dots reach nested keys)")
     p.add_argument("--latex", metavar="FILE", help="also write the tables as LaTeX (booktabs) to FILE")
     p.add_argument("--plot", metavar="DIR", help="write a PNG and a PDF per model to DIR")
-    p.add_argument("--plot_metric", metavar="NAME", help="the metric encoder plots show (default: each task's main one)")
+    p.add_argument("--plot_metric", metavar="NAME",
+                   help="the metric encoder plots show (default: each task's main one)")
     return p.parse_args(argv)
 
 

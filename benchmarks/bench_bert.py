@@ -5,8 +5,8 @@
 Prints, next to the dense accuracy, the accuracy of every variant (method / allocation /
 calibration; `kwon/-/-` is Kwon et al. 2022 on its own labelled sample of --num_samples) at
 each μ, mean ± std (population) over the calibration seeds; the pruning wall time over the
-time of one dense forward pass over the (--samples) calibration set (target ≤ 3); peak memory; and the pruned/dense latency ratio at
-μ = 0.5 (target ≤ 0.65). All ratios come from this one run.
+time of one dense forward pass over the (--samples) calibration set (target ≤ 3); peak memory; and
+the pruned/dense latency ratio at μ = 0.5 (target ≤ 0.65). All ratios come from this one run.
 
 A variant may also be a protocol's name (`improved`, `paper`): every knob as `prune_bert.py
 --protocol <name>` sets it (pipelines/protocol.py), its calibration draw and MAC split

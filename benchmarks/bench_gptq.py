@@ -8,7 +8,8 @@ by the pruning and every quantization. Evaluation: perplexity on the first --eva
 windows of prideprejudice (GPTQ protocol, windows of --seqlen tokens). For each variant it
 prints the perplexity, the size on disk of its checkpoint (saved to a temporary folder: dense
 and pruned as safetensors floats, quantized as packed codes with float32 scales) and the time
-its pruning and quantization took. Defaults take about a quarter of an hour on 2 CPU cores (--threads 1 when they are shared).
+its pruning and quantization took. Defaults take about a quarter of an hour on 2 CPU cores (--threads 1
+when they are shared).
 """
 import argparse
 import copy
@@ -105,7 +106,8 @@ def main():
 
     dense_size = rows[0][2]
     width = max(len(r[0]) for r in rows)
-    print(f"\n{'model':<{width}}  {'perplexity':>10}  {'size MB':>8}  {'of dense':>8}  {'prune s':>7}  {'quantize s':>10}")
+    print(f"\n{'model':<{width}}  {'perplexity':>10}  {'size MB':>8}  {'of dense':>8}  {'prune s':>7}  "
+          f"{'quantize s':>10}")
     for name, ppl, size, prune_s, quantize_s in rows:
         prune_text = f"{prune_s:.0f}" if prune_s is not None else "-"
         quantize_text = f"{quantize_s:.0f}" if quantize_s is not None else "-"

@@ -180,7 +180,8 @@ def main():
             r = run_child(args, how, work)
             above = r["peak_above_start_mb"] * 2**20
             print(f"{label:<22}{r['max_rss_mb'] / 1024:>12.2f}{above / GB:>12.2f}{above / s['model']:>9.2f}"
-                  f"{above / bound:>9.2f}{above / with_stat:>9.2f}{r['load']:>8.1f}{r['prune']:>9.1f}{r['save']:>8.1f}{r['pruned_gb']:>11.2f}")
+                  f"{above / bound:>9.2f}{above / with_stat:>9.2f}{r['load']:>8.1f}{r['prune']:>9.1f}"
+                  f"{r['save']:>8.1f}{r['pruned_gb']:>11.2f}")
             assert r["saved_matches"], "the saved checkpoint does not record the pruned shapes"
         print(f"\nbound = one layer + one set of activations + embeddings = {bound / GB:.2f} GB; +STAT: plus STAT's "
               f"matrices for one layer = {with_stat / GB:.2f} GB; 'above start': peak RSS of the child process above "

@@ -76,7 +76,8 @@ def squad_metrics(examples, predictions, version):
     """Official SQuAD metrics, in percent, for predictions {id: answer text}.
 
     1.1: {"exact", "f1"} (one name for exact match in both versions, so records aggregate).
-    2.0: {"exact", "f1", "total"} and the same three for the HasAns and NoAns subsets (a subset with no questions is left out, as officially).
+    2.0: {"exact", "f1", "total"} and the same three for the HasAns and NoAns subsets (a subset with no
+    questions is left out, as officially).
     """
     if version not in VERSIONS:
         raise ValueError(f"unknown SQuAD version {version!r}")

@@ -144,7 +144,8 @@ class StatLlamaForCausalLM(LlamaForCausalLM):
 STAT_CLASSES = {
     BertForSequenceClassification: (StatBertForSequenceClassification, "AutoModelForSequenceClassification"),
     BertForQuestionAnswering: (StatBertForQuestionAnswering, "AutoModelForQuestionAnswering"),
-    DistilBertForSequenceClassification: (StatDistilBertForSequenceClassification, "AutoModelForSequenceClassification"),
+    DistilBertForSequenceClassification: (StatDistilBertForSequenceClassification,
+                                          "AutoModelForSequenceClassification"),
     DistilBertForQuestionAnswering: (StatDistilBertForQuestionAnswering, "AutoModelForQuestionAnswering"),
     OPTForCausalLM: (StatOPTForCausalLM, "AutoModelForCausalLM"),
     LlamaForCausalLM: (StatLlamaForCausalLM, "AutoModelForCausalLM"),

@@ -13,7 +13,8 @@ or answer-span distribution, on training examples the calibration sample does no
   parent's hidden states at every layer are kept), on the first few windows or all of them.
 - `search`: a parent (the knapsack's widths), offspring that move width between layers of the
   same kind (so their MACs stay those of the parent: the budget is met exactly as the allocator
-  met it), selection in two stages (all offspring on a quarter of the windows, the best few on
+  met it) or trade an attention unit for the neurons of its MACs (never above the start's MACs),
+  selection in two stages (all offspring on a quarter of the windows, the best few on
   all of them), the parent kept unless a child beats it on all the windows; until a budget of
   forward tokens is spent.
 The final model is built afterwards by pass 2 at the searched widths (prune/stat.py).

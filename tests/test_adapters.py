@@ -28,7 +28,8 @@ def full_layer(layer, x, extras):
 def test_four_pieces_equal_the_layer(family):
     model = FAMILIES[family]()
     adapter = adapter_for(model)
-    calib = capture_inputs(model, adapter, tiny.random_batches(n_batches=1, pad=family in ("bert", "distilbert")), "cpu")
+    batches = tiny.random_batches(n_batches=1, pad=family in ("bert", "distilbert"))
+    calib = capture_inputs(model, adapter, batches, "cpu")
     x, extras = calib.hidden[0], calib.extras[0]
     with torch.no_grad():
         for layer in adapter.layers(model):

@@ -5,8 +5,8 @@ import pytest
 import scipy.linalg
 
 from efficiency.macs import AUTHORS_NEURON_SHARE, Costs, mac_ratios, model_macs, split_costs, unit_costs
-from prune.allocation import (ALLOCATORS, LayerScores, _concave_segments, authors_depth_weights, depth_weights, faithful,
-                              round_neurons)
+from prune.allocation import (ALLOCATORS, LayerScores, _concave_segments, authors_depth_weights, depth_weights,
+                              faithful, round_neurons)
 
 
 def test_unit_costs_by_hand():

@@ -125,7 +125,8 @@ def test_arrays_and_shapes_follow_the_checkpoint(checkpoints, tmp_path):
     tensors = {t.name: np.array(t.data) for t in reader.tensors}
     assert not tensors["blk.3.ffn_gate.weight"].any() and not tensors["blk.3.ffn_down.weight"].any()
     layer = model.model.layers[2]
-    np.testing.assert_array_equal(tensors["blk.2.ffn_down.weight"].reshape(32, 1), layer.mlp.down_proj.weight.detach().numpy())
+    np.testing.assert_array_equal(tensors["blk.2.ffn_down.weight"].reshape(32, 1),
+                                  layer.mlp.down_proj.weight.detach().numpy())
     np.testing.assert_array_equal(tensors["blk.2.attn_k.weight"].reshape(16, 32),
                                   rope_permuted(layer.self_attn.k_proj.weight.detach().numpy(), 2))
     assert shapes["output.weight"] == (50257, 32) and kv["tokenizer.ggml.pre"] == "gpt-2"
@@ -141,7 +142,8 @@ def test_layer_without_heads_keeps_its_bias_through_a_zero_group(checkpoints, tm
     assert heads[1] == 2 and heads_kv[1] == 1  # one zero group carries o_proj's bias
     tensors = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(tmp_path / "b.gguf")).tensors}
     assert not tensors["blk.1.attn_v.weight"].any() and not tensors["blk.1.attn_output.weight"].any()
-    np.testing.assert_array_equal(tensors["blk.1.attn_output.bias"], model.model.layers[1].self_attn.o_proj.bias.detach().numpy())
+    np.testing.assert_array_equal(tensors["blk.1.attn_output.bias"],
+                                  model.model.layers[1].self_attn.o_proj.bias.detach().numpy())
 
 
 def test_layer_zero_always_keeps_a_group(checkpoints, tmp_path):

@@ -84,7 +84,8 @@ def test_ties_go_to_the_first_column_as_in_dpstrf():
 def test_the_ridge_and_an_empty_gram():
     G = torch.zeros(6, 6, dtype=torch.float64)  # no information at all: the factor of the ridge alone
     lapack, ours = both(G)
-    assert torch.equal(ours.R, lapack.R) and torch.equal(ours.R, lapack.ridge ** 0.5 * torch.eye(6, dtype=torch.float64))
+    assert torch.equal(ours.R, lapack.R)
+    assert torch.equal(ours.R, lapack.ridge ** 0.5 * torch.eye(6, dtype=torch.float64))
     assert ours.order.tolist() == lapack.order.tolist() == list(range(6))
     G = separated_gram(30, seed=3)
     for relative in (1e-8, 0.3):  # a large ridge is a regularised ID: the order changes with it

@@ -165,9 +165,9 @@ def test_real_process_exit_status(tmp_path):
 
 # --- protocols, provenance, the dense-score cache ---------------------------------------------
 
-PROVENANCE = ("protocol", "allocation", "calibration", "score_fraction", "mac_split", "sampler", "pricing", "correction",
-              "sketch", "sketch_rows", "sketch_seed", "batch_size", "dtype", "mac_ratio", "mac_ratio_authors", "dense_cached", "argv",
-              "git_commit", "git_dirty", "versions")
+PROVENANCE = ("protocol", "allocation", "calibration", "score_fraction", "mac_split", "sampler", "pricing",
+              "correction", "sketch", "sketch_rows", "sketch_seed", "batch_size", "dtype", "mac_ratio",
+              "mac_ratio_authors", "dense_cached", "argv", "git_commit", "git_dirty", "versions")
 
 
 def sst2_argv(tiny_checkpoints, tmp_path, *extra):

@@ -16,8 +16,8 @@ import tiny
 from prerequisites.adapters import adapter_for
 from prerequisites.layerwise import capture_inputs
 from prune.allocation import LayerScores, greedy
-from prune.search import (Exchange, Fitness, LevelDatabase, SearchSettings, load_widths, measured_weights, mutate, probe_width,
-                          save_widths, search, widths_problem)
+from prune.search import (Exchange, Fitness, LevelDatabase, SearchSettings, load_widths, measured_weights, mutate,
+                          probe_width, save_widths, search, widths_problem)
 from prune.stat import measure_dense, stat_prune
 from tiny import one_thread  # noqa: F401 (a fixture)
 from utils.cli import run_main
@@ -178,6 +178,14 @@ def test_search_never_worse_than_its_start_and_reproducible(setting):
     fresh = fitness_of(setting)
     assert fresh.score(found.attn_units, found.neurons, 0, 4)[0] == pytest.approx(found.fitness, rel=1e-6)
     assert fresh.score(*start, 0, 4)[0] == pytest.approx(found.start_fitness, rel=1e-6)
+    # with trades between the kinds (an attention unit the MACs of 40 neurons), from a start that
+    # lacks a unit: still never worse, within the start's MACs, and the unit bought back
+    start = ([2, 1, 2], [20, 50, 30])
+    traded = search(fitness_of(setting), *start, budget_tokens=4000, seed=3, progress=False, costs=(40.0, 1.0))
+    assert traded.fitness < traded.start_fitness
+    assert sum(traded.attn_units) * 40 + sum(traded.neurons) <= sum(start[0]) * 40 + sum(start[1])
+    assert sum(traded.attn_units) != sum(start[0])
+    assert fresh.score(traded.attn_units, traded.neurons, 0, 4)[0] == pytest.approx(traded.fitness, rel=1e-6)
 
 
 def test_measured_weights_give_each_block_its_own_kl(setting):

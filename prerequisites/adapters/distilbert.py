@@ -23,7 +23,8 @@ class DistilBertAdapter(Adapter):
 
     def attention_context(self, layer, x, extras):
         # DistilBERT applies out_lin inside its attention module: read its input on the way.
-        return input_of(layer.attention.out_lin, lambda: layer.attention(x, attention_mask=extras.get("attention_mask")))
+        mask = extras.get("attention_mask")
+        return input_of(layer.attention.out_lin, lambda: layer.attention(x, attention_mask=mask))
 
     def after_attention(self, layer, context, x):
         return layer.sa_layer_norm(layer.attention.out_lin(context) + x)

@@ -400,8 +400,8 @@ def stat_prune(model, adapter, batches, costs, mu, device, method="stat", alloca
         if method == "stat":
             warn_if_too_few_rows(model, adapter, fitted_rows(inputs, folds, sketch), more_tokens)
         # the search may trade attention units for neurons: it needs every block's IDs
-        attn = widths is not None or allocation == "search" or not keeps_every_head(model, adapter, allocator, costs,
-                                                                                        mu)
+        attn = (widths is not None or allocation == "search"
+                or not keeps_every_head(model, adapter, allocator, costs, mu))
         scores, pruners = measure_dense(model, adapter, inputs, device, keep=keep, progress=progress, store=store,
                                         price_folds=folds, attn=attn, **block_options)
         del inputs

@@ -263,14 +263,15 @@ def mutate(attn_units, neurons, full, steps, rng, moves, exchange=None):
     first = None
     for _ in range(moves):
         kinds = [kind for kind in widths if _movable(widths[kind], full[kind])]
-        trades = _trades(widths, full, exchange) if exchange else []
+        trades = _trades(widths, full, exchange) if exchange else {}
         if trades:
             kinds.append("trade")
         if not kinds:
             break
         kind = kinds[rng.integers(len(kinds))]
         if kind == "trade":
-            donor, receiver = _trade(widths, full, exchange, trades[rng.integers(len(trades))], rng)
+            direction = list(trades)[rng.integers(len(trades))]
+            donor, receiver = _trade(widths, full, direction, trades[direction], rng)
         else:
             w, top = widths[kind], full[kind]
             donor = rng.choice([l for l, n in enumerate(w) if n > 0 and any(
@@ -286,29 +287,30 @@ def mutate(attn_units, neurons, full, steps, rng, moves, exchange=None):
 
 
 def _trades(widths, full, exchange):
-    """The directions in which an attention unit and neurons can be traded now."""
+    """{direction: neurons} of the trades of one attention unit possible now: the neurons it
+    buys, or those it costs."""
     a, n = widths["attn"], widths["ffn"]
     slack = exchange.slack(a, n)
-    trades = []
-    if exchange.neurons_bought(slack) > 0 and any(a) and any(m < f for m, f in zip(n, full["ffn"])):
-        trades.append("attn_for_neurons")
-    paid = exchange.neurons_paid(slack)
+    trades = {}
+    bought, paid = exchange.neurons_bought(slack), exchange.neurons_paid(slack)
+    if bought > 0 and any(a) and any(m < f for m, f in zip(n, full["ffn"])):
+        trades["attn_for_neurons"] = bought
     if any(u < f for u, f in zip(a, full["attn"])) and any(m >= paid for m in n):
-        trades.append("neurons_for_attn")
+        trades["neurons_for_attn"] = paid
     return trades
 
 
-def _trade(widths, full, exchange, direction, rng):
-    """One trade in `direction`, between random layers; returns (donor, receiver)."""
+def _trade(widths, full, direction, amount, rng):
+    """One trade of an attention unit for `amount` neurons in `direction`, between random layers;
+    returns (donor, receiver)."""
     a, n = widths["attn"], widths["ffn"]
-    slack = exchange.slack(a, n)
     if direction == "attn_for_neurons":
         donor = rng.choice([l for l, u in enumerate(a) if u > 0])
         receiver = rng.choice([l for l, m in enumerate(n) if m < full["ffn"][l]])
         a[donor] -= 1
-        n[receiver] += min(exchange.neurons_bought(slack), full["ffn"][receiver] - n[receiver])
+        n[receiver] += min(amount, full["ffn"][receiver] - n[receiver])
     else:
-        paid = exchange.neurons_paid(slack)
+        paid = amount
         donor = rng.choice([l for l, m in enumerate(n) if m >= paid])
         receiver = rng.choice([l for l, u in enumerate(a) if u < full["attn"][l]])
         n[donor] -= paid
